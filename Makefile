@@ -1,0 +1,37 @@
+# deploykit developer tasks. `make demo` and `make test` are the two commands in the README.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_DIR ?= demo-out
+PORT ?= 5057
+
+.PHONY: install demo test lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[all]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/demo.py --out $(DEMO_DIR) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q
+	$(PY) -m ruff check deploykit tests benchmarks examples
+	$(PY) -m mypy deploykit
+
+lint: install
+	$(PY) -m ruff check deploykit tests benchmarks examples
+
+typecheck: install
+	$(PY) -m mypy deploykit
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

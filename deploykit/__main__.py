@@ -1,0 +1,6 @@
+"""``python -m deploykit``."""
+
+from deploykit.cli import main
+
+if __name__ == "__main__":
+    main()

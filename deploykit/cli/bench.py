@@ -1,0 +1,1 @@
+"""`deploykit bench`: not yet registered."""

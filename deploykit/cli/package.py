@@ -1,0 +1,1 @@
+"""`deploykit package`: not yet registered."""

@@ -1,0 +1,1 @@
+"""`deploykit predict`: not yet registered."""

@@ -1,0 +1,1 @@
+"""`deploykit serve`: not yet registered."""

@@ -1,0 +1,1 @@
+"""`deploykit verify`: not yet registered."""

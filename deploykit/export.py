@@ -1,0 +1,444 @@
+"""``export_model``: a PyTorch model to one self-describing, checked ONNX file."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deploykit import __version__
+from deploykit.card import ModelCard, Preprocess, TensorSpec, write_card
+from deploykit.errors import ExportError, UsageError, VerificationError
+from deploykit.files import atomic_path
+from deploykit.fingerprint import fingerprint_input, make_fingerprint
+from deploykit.sources import DEFAULT_SEED, LoadedModel, resolve_source
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_OPSET = 18
+EXPORTERS = ("auto", "dynamo", "torchscript")
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+TWO_GB = 2**31
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    """PyTorch vs ONNX Runtime on seeded inputs at a few batch sizes."""
+
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float
+    rtol: float
+    passed: bool
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes), "max_abs_diff": self.max_abs_diff,
+                "max_rel_diff": self.max_rel_diff, "atol": self.atol, "rtol": self.rtol, "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_model`` wrote."""
+
+    path: Path
+    size_bytes: int
+    exporter: str
+    opset: int
+    seconds: float
+    card: ModelCard
+    parity: ParityCheck
+    external_data: bool = False
+    fallback_reason: str | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "seconds": round(self.seconds, 3),
+            "model": self.card.name,
+            "input": {"name": self.card.input.name, "shape": list(self.card.input.shape)},
+            "output": {"name": self.card.output.name, "shape": list(self.card.output.shape)},
+            "dynamic_batch": self.card.dynamic_batch,
+            "num_classes": self.card.num_classes,
+            "parity": self.parity.to_dict(),
+            "external_data": self.external_data,
+            "fallback_reason": self.fallback_reason,
+            "warnings": list(self.warnings),
+        }
+
+    def __str__(self) -> str:
+        mb = self.size_bytes / 1e6
+        lines = [
+            f"Wrote {self.path} ({mb:.1f} MB) in {self.seconds:.1f}s with the {self.exporter} exporter, "
+            f"opset {self.opset}.",
+            f"Input {self.card.input.name} {list(self.card.input.shape)} -> output {self.card.output.name} "
+            f"{list(self.card.output.shape)}, {self.card.num_classes} classes.",
+            f"Parity with PyTorch at batch {', '.join(map(str, self.parity.batch_sizes))}: max abs diff "
+            f"{self.parity.max_abs_diff:.2e} (atol {self.parity.atol:g}) - "
+            + ("ok" if self.parity.passed else "FAILED"),
+        ]
+        if self.fallback_reason:
+            lines.append(f"Note: the dynamo exporter failed ({self.fallback_reason}); used TorchScript instead.")
+        if self.external_data:
+            lines.append("Note: the model is over 2 GB, so its weights are in an external data file beside it.")
+        return "\n".join(lines)
+
+
+def export_model(
+    model: str,
+    *,
+    output: str | Path | None = None,
+    arch: str | None = None,
+    weights: str | None = "DEFAULT",
+    trust_pickle: bool = False,
+    labels_file: str | Path | None = None,
+    input_size: int | None = None,
+    resize: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    static_batch: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    seed: int = DEFAULT_SEED,
+    name: str | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export MODEL to ONNX with its model card, check it, and write it atomically.
+
+    Args:
+        model: torchvision name, checkpoint/TorchScript path, or factory (see ``resolve_source``).
+        output: target path; default ``<name>.onnx`` in the current folder.
+        static_batch: fix the batch dimension to this size instead of a dynamic one.
+        exporter: ``auto`` (dynamo, falling back to TorchScript), ``dynamo`` or ``torchscript``.
+        atol, rtol: tolerance of the PyTorch vs ONNX Runtime check at batch 1 and 3.
+
+    Raises:
+        UsageError, ModelNotFoundError, WeightsUnavailableError, ExportError, VerificationError.
+    """
+    say = progress or (lambda _msg: None)
+    if exporter not in EXPORTERS:
+        raise UsageError(f"Unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
+    if static_batch is not None and static_batch < 1:
+        raise UsageError(f"--static-batch must be at least 1, got {static_batch}.")
+    if atol < 0 or rtol < 0:
+        raise UsageError("--atol and --rtol must not be negative.")
+    if not 7 <= opset <= 25:
+        raise UsageError(f"--opset {opset} is out of range; use an opset between 7 and 25 (default {DEFAULT_OPSET}).")
+    labels = _read_labels(labels_file) if labels_file else None
+    target_hint = Path(output) if output else None
+    if target_hint is not None and target_hint.is_dir():
+        raise UsageError(f"--output {str(target_hint)!r} is a folder; give a file path such as model.onnx.")
+
+    started = time.perf_counter()
+    say(f"Loading {model}")
+    loaded = resolve_source(model, arch=arch, weights=weights, trust_pickle=trust_pickle, seed=seed)
+    preprocess = _preprocess(loaded.preprocess, input_size=input_size, resize=resize, mean=mean, std=std)
+    target = Path(output) if output else Path(f"{name or _safe_name(loaded.name)}.onnx")
+
+    import torch
+
+    torch.manual_seed(seed)
+    trace_batch = static_batch or 2
+    example = torch.from_numpy(fingerprint_input(preprocess, seed, trace_batch))
+    with torch.inference_mode():
+        reference = loaded.module(example)
+    reference = _first_tensor(reference)
+    if reference.ndim != 2:
+        raise ExportError(f"The model returns an output of shape {tuple(reference.shape)}; deploykit exports "
+                          "image classifiers whose output is (batch, classes).")
+    num_classes = int(reference.shape[1])
+    labels = _labels_for(labels or loaded.labels, num_classes)
+
+    say("Exporting to ONNX")
+    proto, used, fallback_reason, notes = _export(loaded, example, opset=opset, exporter=exporter,
+                                                  dynamic=static_batch is None)
+    external = proto.ByteSize() > TWO_GB
+
+    say("Checking with onnx.checker and ONNX Runtime")
+    parity_batches = (static_batch,) if static_batch else (1, 3)
+    parity = _check(proto, loaded.module, preprocess, parity_batches, seed=seed, atol=atol, rtol=rtol,
+                    external=external)
+    if not parity:
+        raise VerificationError(
+            f"The exported model differs from PyTorch: max abs diff {parity.max_abs_diff:.3g} exceeds atol {atol:g} "
+            f"(+ rtol {rtol:g}); nothing was written.",
+            hint="Try --exporter torchscript or another --opset; relax with --atol only if that is acceptable.",
+        )
+
+    fp_batch = static_batch or 2
+    fp_out = _fingerprint_at(loaded.module, preprocess, seed + 1, fp_batch)
+    batch_dim: int | str = static_batch if static_batch else "batch"
+    import onnx
+
+    card = ModelCard(
+        name=name or loaded.name,
+        labels=tuple(labels),
+        preprocess=preprocess,
+        inputs=(TensorSpec(INPUT_NAME, preprocess.input_shape(batch_dim), "float32"),),
+        outputs=(TensorSpec(OUTPUT_NAME, (batch_dim, num_classes), "float32"),),
+        source=replace(loaded.source, num_classes=num_classes),
+        output_kind=loaded.output_kind,
+        exporter=used,
+        opset=opset,
+        versions={"deploykit": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": _ort_version(), "python": platform.python_version()},
+        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        fingerprint=make_fingerprint(fp_out, seed=seed + 1),
+        parity=parity.to_dict(),
+    )
+    write_card(proto, card)
+
+    say(f"Writing {target}")
+    size = _write(proto, target, external=external)
+    return ExportResult(path=target, size_bytes=size, exporter=used, opset=opset,
+                        seconds=time.perf_counter() - started, card=card, parity=parity, external_data=external,
+                        fallback_reason=fallback_reason, warnings=tuple(notes))
+
+
+def _fingerprint_at(module: Any, pp: Preprocess, seed: int, batch: int) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return _first_tensor(module(torch.from_numpy(fingerprint_input(pp, seed, batch)))).numpy()
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+
+
+def _read_labels(path: str | Path) -> list[str]:
+    """Labels from a text file (one per line) or a JSON list."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"Labels file {str(file)!r} does not exist.")
+    text = file.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return [str(v) for v in json.loads(text)]
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"Labels file {str(file)!r} is not a valid JSON list: {exc}.") from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _labels_for(labels: list[str] | None, num_classes: int) -> list[str]:
+    if labels is None:
+        return [f"class_{i}" for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise UsageError(f"{len(labels)} labels given for a model with {num_classes} outputs.",
+                         hint="Pass a --labels file with one label per class.")
+    return labels
+
+
+def _preprocess(base: Preprocess, *, input_size: int | None, resize: int | None,
+                mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None) -> Preprocess:
+    changes: dict[str, Any] = {}
+    if input_size is not None:
+        if input_size < 8:
+            raise UsageError(f"--input-size must be at least 8, got {input_size}.")
+        changes["crop"] = input_size
+        if resize is None and base.resize is not None:
+            changes["resize"] = max(input_size, round(input_size * base.resize / base.crop))
+    if resize is not None:
+        changes["resize"] = resize
+    if mean is not None:
+        changes["mean"] = tuple(mean)
+    if std is not None:
+        changes["std"] = tuple(std)
+    pp = replace(base, **changes)
+    try:
+        pp.validate()
+    except Exception as exc:
+        raise UsageError(str(exc).replace("in model card", "in the options")) from exc
+    return pp
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ExportError(f"The model returns {type(output).__name__}; deploykit expects a tensor of class scores.")
+
+
+class _FirstOutput:
+    """Wrap a module so it returns one tensor (inception/googlenet in eval mode already do)."""
+
+    def __new__(cls, module: Any) -> Any:
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = module
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return _first_tensor(self.inner(x))
+
+        return Wrapped().eval()
+
+
+def _export(loaded: LoadedModel, example: torch.Tensor, *, opset: int, exporter: str,
+            dynamic: bool) -> tuple[Any, str, str | None, list[str]]:
+    """Run the chosen exporter; returns (ModelProto, exporter used, fallback reason, captured notes)."""
+    import torch
+
+    module = _FirstOutput(loaded.module) if not isinstance(loaded.module, torch.jit.ScriptModule) else loaded.module
+    notes: list[str] = []
+    fallback_reason = None
+    if exporter in ("auto", "dynamo") and not isinstance(module, torch.jit.ScriptModule):
+        try:
+            return _export_dynamo(module, example, opset=opset, dynamic=dynamic, notes=notes), "dynamo", None, notes
+        except Exception as exc:  # the dynamo exporter raises many unrelated types on unsupported models
+            if exporter == "dynamo":
+                raise ExportError(f"The dynamo exporter failed: {_short(exc)}",
+                                  hint="Try --exporter torchscript.") from exc
+            fallback_reason = _short(exc)
+    try:
+        return _export_torchscript(module, example, opset=opset, dynamic=dynamic, notes=notes), "torchscript", \
+            fallback_reason, notes
+    except Exception as exc:  # torch.onnx.errors.* and RuntimeErrors from tracing
+        before = f" (the dynamo exporter failed first: {fallback_reason})" if fallback_reason else ""
+        raise ExportError(f"ONNX export failed: {_short(exc)}{before}",
+                          hint="Try another --opset, or simplify the model's forward().") from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:240]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet(notes: list[str]) -> Any:
+    """Keep the exporters' prints and warnings off stdout (which may carry --json), and keep them for --debug."""
+    buffer = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(buffer):
+        warnings.simplefilter("always")
+        yield
+    notes.extend(line for line in buffer.getvalue().splitlines() if line.strip() and "✅" not in line)
+    notes.extend(str(w.message).splitlines()[0] for w in caught if "deprecat" not in str(w.message).lower())
+
+
+def _export_dynamo(module: Any, example: torch.Tensor, *, opset: int, dynamic: bool, notes: list[str]) -> Any:
+    import torch
+
+    dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
+    with _quiet(notes):
+        program = torch.onnx.export(module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], opset_version=opset, dynamic_shapes=dynamic_shapes,
+                                    external_data=False, optimize=True, verbose=False)
+    if program is None:
+        raise ExportError("The dynamo exporter produced no program.")
+    proto = program.model_proto
+    _strip_export_metadata(proto)
+    return proto
+
+
+def _export_torchscript(module: Any, example: torch.Tensor, *, opset: int, dynamic: bool,
+                        notes: list[str]) -> Any:
+    import onnx
+    import torch
+
+    buffer = io.BytesIO()
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+    with _quiet(notes):
+        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=min(opset, 20), dynamic_axes=axes,
+                          do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _strip_export_metadata(proto: Any) -> None:
+    """Drop the exporter's per-value debug metadata (node names, stack traces) that bloats the file."""
+    for value in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        del value.metadata_props[:]
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    for init in proto.graph.initializer:
+        del init.metadata_props[:]
+
+
+def _check(proto: Any, module: Any, pp: Preprocess, batches: tuple[int, ...], *, seed: int, atol: float,
+           rtol: float, external: bool) -> ParityCheck:
+    """onnx.checker, then ONNX Runtime against PyTorch on seeded inputs at each batch size."""
+    import onnx
+    import torch
+
+    from deploykit.runtime import create_session
+
+    try:
+        onnx.checker.check_model(proto, full_check=not external)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"The exported graph is invalid: {_short(exc)}") from exc
+    if external:
+        return ParityCheck(batches, float("nan"), float("nan"), atol, rtol, True)
+    session = create_session(proto.SerializeToString())
+    input_name = session.get_inputs()[0].name
+    max_abs = max_rel = 0.0
+    ok = True
+    for i, batch in enumerate(batches):
+        x = fingerprint_input(pp, seed + 100 + i, batch)
+        with torch.inference_mode():
+            expected = _first_tensor(module(torch.from_numpy(x))).numpy()
+        try:
+            actual = session.run(None, {input_name: x})[0]
+        except Exception as exc:  # onnxruntime's own error types
+            raise ExportError(f"ONNX Runtime failed to run the exported model at batch {batch}: {_short(exc)}") from exc
+        if actual.shape != expected.shape:
+            raise ExportError(f"At batch {batch} ONNX Runtime returned shape {actual.shape}, PyTorch "
+                              f"{expected.shape}.")
+        diff = np.abs(actual - expected)
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(expected), 1e-12)).max()))
+        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(expected)))
+    return ParityCheck(batches, max_abs, max_rel, atol, rtol, ok)
+
+
+def _write(proto: Any, target: Path, *, external: bool) -> int:
+    import onnx
+
+    with atomic_path(target) as tmp:
+        if external:
+            data_name = target.name + ".data"
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            # onnx writes the data file under its final name next to the temporary model file.
+        else:
+            tmp.write_bytes(proto.SerializeToString())
+    size = target.stat().st_size
+    if external:
+        size += (target.parent / (target.name + ".data")).stat().st_size
+    return size

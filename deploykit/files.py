@@ -1,0 +1,57 @@
+"""Atomic file writing: a temporary file in the target's folder, then ``os.replace``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from deploykit.errors import UsageError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success move it over ``target`` atomically.
+
+    On any exception, ``KeyboardInterrupt`` included, the temporary file is removed and an earlier
+    ``target`` is left untouched. Raises ``UsageError`` when the folder cannot be written.
+    """
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"Cannot write {str(target)!r}: folder {str(folder)!r} does not exist.",
+                         hint="Create it first or choose another --output.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"Cannot write to {str(folder)!r}: {exc.strerror}.",
+                         hint="Choose a writable --output path.") from exc
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes_atomic(target: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 digest of a file, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

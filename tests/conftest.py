@@ -1,0 +1,135 @@
+"""Shared fixtures: exported models (session-scoped) and a live `deploykit serve` process on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "shapes"
+SHAPES_FACTORY = f"{EXAMPLES / 'model.py'}:build"
+SHAPES_IMAGES = EXAMPLES / "images"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: bytes | None = None, timeout: float = 600,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m deploykit ARGS` in a fresh interpreter, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "deploykit", *args], capture_output=True, env=full_env,
+                          input=input.decode("latin-1") if input is not None else None, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def shapes_onnx(models_dir: Path) -> Path:
+    """The bundled example model (trained weights), exported once per session."""
+    from deploykit.export import export_model
+
+    return export_model(SHAPES_FACTORY, output=models_dir / "shapes.onnx").path
+
+
+@pytest.fixture(scope="session")
+def resnet18_onnx(models_dir: Path) -> Path:
+    """resnet18 with seeded random weights, exported once per session."""
+    from deploykit.export import export_model
+
+    return export_model("resnet18", weights="none", output=models_dir / "resnet18.onnx").path
+
+
+@pytest.fixture(scope="session")
+def shapes_images() -> list[Path]:
+    images = sorted(SHAPES_IMAGES.glob("*.jpg"))
+    assert images, f"no example images in {SHAPES_IMAGES}"
+    return images
+
+
+@dataclass
+class LiveServer:
+    """A `deploykit serve` subprocess; `url` is its base URL."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+def start_server(args: list[str], log_path: Path, *, env: dict[str, str] | None = None,
+                 ready_path: str = "/v2/health/ready", timeout: float = 90) -> LiveServer:
+    """Start `deploykit serve ARGS --port FREE` and wait until `ready_path` answers 200."""
+    import requests
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "deploykit", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's lifetime
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    server = LiveServer(process, url, log_path, cmd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if requests.get(url + ready_path, timeout=1).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+@pytest.fixture
+def live_server_factory(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    """Start servers with custom arguments; all are stopped with SIGTERM at teardown."""
+    started: list[LiveServer] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> LiveServer:
+        server = start_server(list(args), tmp_path / f"server-{len(started)}.log", env=env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.terminate()
+
+
+@pytest.fixture(scope="session")
+def shapes_server(shapes_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One shared server with the example model, for read-only tests."""
+    server = start_server([str(shapes_onnx)], tmp_path_factory.mktemp("server") / "server.log")
+    yield server
+    server.terminate()

@@ -21,6 +21,8 @@ _EXPORTS = {
     "Predictor": "deploykit.runtime",
     "create_app": "deploykit.serve.app",
     "PredictClient": "deploykit.client",
+    "predict_images": "deploykit.predict",
+    "package_model": "deploykit.package",
     "DeployKitError": "deploykit.errors",
     "ExitCode": "deploykit.errors",
 }

@@ -8,7 +8,8 @@ The schema is documented in ``docs/model-card.md``. This module never imports to
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,17 @@ from deploykit.errors import ModelFileError
 CARD_KEY = "deploykit.card"
 SCHEMA_VERSION = 1
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes the model's input tensor.
 
-    The shorter side is resized to ``resize`` (aspect ratio kept, as torchvision's ``Resize(int)``), the centre
-    ``crop`` x ``crop`` is cut out, pixels are scaled by ``scale`` then normalised with ``mean``/``std`` in
-    ``channel_order``, and laid out as ``layout``. ``resize`` None means: resize straight to ``crop`` x ``crop``.
+    The shorter side is resized to ``resize`` (aspect ratio kept, as torchvision's ``Resize(int)``), the
+    centre ``crop`` x ``crop`` is cut out, pixels are scaled by ``scale`` then normalised with
+    ``mean``/``std`` in ``channel_order``, and laid out as ``layout``. ``resize`` None means: resize straight
+    to ``crop`` x ``crop``.
     """
 
     crop: int = 224
@@ -53,7 +56,8 @@ class Preprocess:
         if self.resize is not None and self.resize < self.crop:
             problems.append(f"resize ({self.resize}) must be at least crop ({self.crop})")
         if self.interpolation not in INTERPOLATIONS:
-            problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+            problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                            f"got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             problems.append("mean and std must have 3 values each")
         if any(s == 0 for s in self.std):
@@ -62,6 +66,10 @@ class Preprocess:
             problems.append(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
         if self.layout not in ("NCHW", "NHWC"):
             problems.append(f"layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.scale > 0:
+            problems.append(f"scale must be positive, got {self.scale}")
         if problems:
             raise ModelFileError("Invalid preprocessing in model card: " + "; ".join(problems) + ".")
 
@@ -162,75 +170,81 @@ class ModelCard:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The card as plain JSON types (lists, not tuples), equal to its own JSON round trip."""
         data = asdict(self)
         data["versions"] = dict(self.versions)
         data["parity"] = dict(self.parity) if self.parity is not None else None
         data["quantization"] = dict(self.quantization) if self.quantization is not None else None
-        return data
+        plain: dict[str, Any] = _plain(data)
+        return plain
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
-        """Build a card from its JSON form; raise ``ModelFileError`` naming what is wrong."""
-        try:
-            version = int(data.get("schema_version", 0))
-            if version > SCHEMA_VERSION:
-                raise ModelFileError(
-                    f"Model card schema version {version} is newer than this deploykit understands "
-                    f"({SCHEMA_VERSION}).",
-                    hint="Upgrade deploykit: pip install -U deploykit",
-                )
-            pp = data["preprocess"]
-            preprocess = Preprocess(
-                crop=int(pp["crop"]),
-                resize=None if pp.get("resize") is None else int(pp["resize"]),
-                interpolation=str(pp.get("interpolation", "bilinear")),
-                mean=tuple(float(v) for v in pp["mean"]),
-                std=tuple(float(v) for v in pp["std"]),
-                scale=float(pp.get("scale", 1.0 / 255.0)),
-                channel_order=str(pp.get("channel_order", "RGB")),
-                layout=str(pp.get("layout", "NCHW")),
-                dtype=str(pp.get("dtype", "float32")),
+        """Build a card from its JSON form; raise ``ModelFileError`` naming the field that is wrong."""
+        if not isinstance(data, Mapping):
+            raise ModelFileError("Invalid model card: it is not a JSON object.")
+        version = _field(data, "schema_version", int, default=SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise ModelFileError(
+                f"Model card schema version {version} is newer than this deploykit understands "
+                f"({SCHEMA_VERSION}).",
+                hint="Upgrade deploykit: pip install -U deploykit",
             )
-            fp = data.get("fingerprint")
-            fingerprint = (
-                Fingerprint(
-                    seed=int(fp["seed"]),
-                    batch=int(fp["batch"]),
-                    indices=tuple(int(i) for i in fp["indices"]),
-                    values=tuple(float(v) for v in fp["values"]),
-                    topk=tuple(tuple(int(i) for i in row) for row in fp["topk"]),
-                    atol=float(fp["atol"]),
-                    rtol=float(fp["rtol"]),
-                    reference=str(fp.get("reference", "pytorch")),
-                )
-                if fp
-                else None
-            )
-            card = cls(
-                name=str(data["name"]),
-                labels=tuple(str(label) for label in data["labels"]),
-                preprocess=preprocess,
-                inputs=tuple(_tensor(t) for t in data["inputs"]),
-                outputs=tuple(_tensor(t) for t in data["outputs"]),
-                source=Source(**{k: data["source"].get(k) for k in Source.__dataclass_fields__}),
-                task=str(data.get("task", "image-classification")),
-                output_kind=str(data.get("output_kind", "logits")),
-                precision=str(data.get("precision", "fp32")),
-                exporter=str(data.get("exporter", "")),
-                opset=int(data.get("opset", 0)),
-                versions=dict(data.get("versions") or {}),
-                created=str(data.get("created", "")),
-                fingerprint=fingerprint,
-                parity=data.get("parity"),
-                quantization=data.get("quantization"),
-                schema_version=version or SCHEMA_VERSION,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"Invalid model card: bad or missing field {exc}.") from exc
+        pp = _section(data, "preprocess")
+        preprocess = Preprocess(
+            crop=_field(pp, "crop", int, where="preprocess"),
+            resize=_field(pp, "resize", int, default=None, where="preprocess"),
+            interpolation=_field(pp, "interpolation", str, default="bilinear", where="preprocess"),
+            mean=_field(pp, "mean", _floats, where="preprocess"),
+            std=_field(pp, "std", _floats, where="preprocess"),
+            scale=_field(pp, "scale", float, default=1.0 / 255.0, where="preprocess"),
+            channel_order=_field(pp, "channel_order", str, default="RGB", where="preprocess"),
+            layout=_field(pp, "layout", str, default="NCHW", where="preprocess"),
+            dtype=_field(pp, "dtype", str, default="float32", where="preprocess"),
+        )
         preprocess.validate()
+        fp = data.get("fingerprint")
+        fingerprint = None
+        if fp is not None:
+            fp = _section(data, "fingerprint")
+            fingerprint = Fingerprint(
+                seed=_field(fp, "seed", int, where="fingerprint"),
+                batch=_field(fp, "batch", int, where="fingerprint"),
+                indices=_field(fp, "indices", lambda v: tuple(int(i) for i in v), where="fingerprint"),
+                values=_field(fp, "values", _floats, where="fingerprint"),
+                topk=_field(fp, "topk", lambda v: tuple(tuple(int(i) for i in row) for row in v),
+                            where="fingerprint"),
+                atol=_field(fp, "atol", float, where="fingerprint"),
+                rtol=_field(fp, "rtol", float, where="fingerprint"),
+                reference=_field(fp, "reference", str, default="pytorch", where="fingerprint"),
+            )
+        source = _section(data, "source")
+        card = cls(
+            name=_field(data, "name", str),
+            labels=_field(data, "labels", lambda v: tuple(str(label) for label in _list(v))),
+            preprocess=preprocess,
+            inputs=_field(data, "inputs", lambda v: tuple(_tensor(t) for t in _list(v))),
+            outputs=_field(data, "outputs", lambda v: tuple(_tensor(t) for t in _list(v))),
+            source=Source(
+                kind=_field(source, "kind", str, where="source"),
+                **{k: _field(source, k, int if k in ("seed", "num_classes") else str, default=None,
+                             where="source") for k in Source.__dataclass_fields__ if k != "kind"},
+            ),
+            task=_field(data, "task", str, default="image-classification"),
+            output_kind=_field(data, "output_kind", str, default="logits"),
+            precision=_field(data, "precision", str, default="fp32"),
+            exporter=_field(data, "exporter", str, default=""),
+            opset=_field(data, "opset", int, default=0),
+            versions=_field(data, "versions", lambda v: {str(k): str(x) for k, x in v.items()}, default={}),
+            created=_field(data, "created", str, default=""),
+            fingerprint=fingerprint,
+            parity=_field(data, "parity", dict, default=None),
+            quantization=_field(data, "quantization", dict, default=None),
+            schema_version=version,
+        )
         if not card.inputs or not card.outputs:
             raise ModelFileError("Invalid model card: it lists no inputs or no outputs.")
         return card
@@ -246,13 +260,64 @@ class ModelCard:
         return cls.from_dict(data)
 
 
+_REQUIRED = object()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists and mappings to dicts, recursively; non-finite floats to None (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _field(data: Mapping[str, Any], key: str, convert: Callable[[Any], Any], *, default: Any = _REQUIRED,
+           where: str = "") -> Any:
+    """``convert(data[key])``, or ``default`` when it is absent or null; errors name the field."""
+    name = f"{where}.{key}" if where else key
+    value = data.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ModelFileError(f"Invalid model card: missing field {name!r}.")
+        return default
+    try:
+        return convert(value)
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"Invalid model card: field {name!r} has an invalid value {value!r:.80}.") \
+            from exc
+
+
+def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """A required nested object of the card."""
+    value = _field(data, key, lambda v: v)
+    if not isinstance(value, Mapping):
+        raise ModelFileError(f"Invalid model card: field {key!r} must be an object, "
+                             f"got {type(value).__name__}.")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("expected a list")
+    return list(value)
+
+
+def _floats(value: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in _list(value))
+
+
 def _tensor(data: Mapping[str, Any]) -> TensorSpec:
-    shape = tuple(d if isinstance(d, str) else int(d) for d in data["shape"])
+    shape = tuple(d if isinstance(d, str) else int(d) for d in _list(data["shape"]))
     return TensorSpec(name=str(data["name"]), shape=shape, dtype=str(data.get("dtype", "float32")))
 
 
 def card_from_metadata(metadata: Mapping[str, str], *, origin: str = "model") -> ModelCard:
-    """Read the card from an ONNX metadata map (``onnxruntime``'s ``custom_metadata_map`` or ``metadata_props``)."""
+    """Read the card from an ONNX metadata map (``custom_metadata_map`` of onnxruntime, or metadata_props)."""
     text = metadata.get(CARD_KEY)
     if text is None:
         raise ModelFileError(

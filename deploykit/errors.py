@@ -99,5 +99,9 @@ def require(module: str, extra: str = "torch") -> None:
     """
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install or an import hook that refuses the module
+        found = False
+    if not found:
         raise MissingExtraError(module, extra)

@@ -11,16 +11,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from deploykit import __version__
 from deploykit.card import ModelCard, Preprocess, TensorSpec, write_card
 from deploykit.errors import ExportError, UsageError, VerificationError
-from deploykit.files import atomic_path
+from deploykit.files import atomic_path, check_writable
 from deploykit.fingerprint import fingerprint_input, make_fingerprint
 from deploykit.sources import DEFAULT_SEED, LoadedModel, resolve_source
+from deploykit.tolerance import effective_atol
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,12 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ParityCheck:
-    """PyTorch vs ONNX Runtime on seeded inputs at a few batch sizes."""
+    """PyTorch vs ONNX Runtime on seeded inputs at a few batch sizes.
+
+    Passed when every element satisfies ``|onnx - torch| <= effective_atol + rtol * |torch|``;
+    ``effective_atol`` is ``atol`` for outputs of ordinary magnitude and follows ``output_scale`` (the largest
+    reference output) when the outputs are tiny or huge, see ``tolerance.effective_atol``.
+    """
 
     batch_sizes: tuple[int, ...]
     max_abs_diff: float
@@ -43,13 +49,20 @@ class ParityCheck:
     atol: float
     rtol: float
     passed: bool
+    output_scale: float = float("nan")
+    effective_atol: float = float("nan")
 
     def __bool__(self) -> bool:
         return self.passed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self.batch_sizes), "max_abs_diff": self.max_abs_diff,
-                "max_rel_diff": self.max_rel_diff, "atol": self.atol, "rtol": self.rtol, "passed": self.passed}
+        def number(value: float) -> float | None:  # JSON has no NaN (an unchecked external-data model)
+            return value if np.isfinite(value) else None
+
+        return {"batch_sizes": list(self.batch_sizes), "max_abs_diff": number(self.max_abs_diff),
+                "max_rel_diff": number(self.max_rel_diff), "atol": self.atol, "rtol": self.rtol,
+                "passed": self.passed, "output_scale": number(self.output_scale),
+                "effective_atol": number(self.effective_atol)}
 
 
 @dataclass(frozen=True)
@@ -97,9 +110,11 @@ class ExportResult:
             + ("ok" if self.parity.passed else "FAILED"),
         ]
         if self.fallback_reason:
-            lines.append(f"Note: the dynamo exporter failed ({self.fallback_reason}); used TorchScript instead.")
+            lines.append(f"Note: the dynamo exporter failed ({self.fallback_reason}); "
+                         "used TorchScript instead.")
         if self.external_data:
-            lines.append("Note: the model is over 2 GB, so its weights are in an external data file beside it.")
+            lines.append("Note: the model is over 2 GB, so its weights are in an external data file "
+                         "beside it.")
         return "\n".join(lines)
 
 
@@ -144,31 +159,40 @@ def export_model(
     if atol < 0 or rtol < 0:
         raise UsageError("--atol and --rtol must not be negative.")
     if not 7 <= opset <= 25:
-        raise UsageError(f"--opset {opset} is out of range; use an opset between 7 and 25 (default {DEFAULT_OPSET}).")
+        raise UsageError(f"--opset {opset} is out of range; use an opset between 7 and 25 "
+                         f"(default {DEFAULT_OPSET}).")
     labels = _read_labels(labels_file) if labels_file else None
-    target_hint = Path(output) if output else None
-    if target_hint is not None and target_hint.is_dir():
-        raise UsageError(f"--output {str(target_hint)!r} is a folder; give a file path such as model.onnx.")
+    if output is not None:
+        if Path(output).is_dir():
+            raise UsageError(f"--output {str(output)!r} is a folder; give a file path such as model.onnx.")
+        check_writable(output)  # fail before a long export, not after it
 
     started = time.perf_counter()
     say(f"Loading {model}")
     loaded = resolve_source(model, arch=arch, weights=weights, trust_pickle=trust_pickle, seed=seed)
     preprocess = _preprocess(loaded.preprocess, input_size=input_size, resize=resize, mean=mean, std=std)
-    target = Path(output) if output else Path(f"{name or _safe_name(loaded.name)}.onnx")
+    target = Path(output) if output else Path(f"{_safe_name(name or loaded.name)}.onnx")
 
     import torch
 
     torch.manual_seed(seed)
     trace_batch = static_batch or 2
     example = torch.from_numpy(fingerprint_input(preprocess, seed, trace_batch))
-    with torch.inference_mode():
-        reference = loaded.module(example)
+    try:
+        with torch.inference_mode():
+            reference = loaded.module(example)
+    except Exception as exc:  # the user's model code: any error type, usually a shape mismatch
+        raise ExportError(
+            f"The model failed on an input of shape {tuple(example.shape)}: {_short(exc)}",
+            hint="Pass --input-size (and --resize) matching the size the model expects; --debug shows where.",
+        ) from exc
     reference = _first_tensor(reference)
     if reference.ndim != 2:
         raise ExportError(f"The model returns an output of shape {tuple(reference.shape)}; deploykit exports "
                           "image classifiers whose output is (batch, classes).")
     num_classes = int(reference.shape[1])
     labels = _labels_for(labels or loaded.labels, num_classes)
+    constant = bool(np.ptp(reference.float().numpy(), axis=0).max() == 0) if reference.shape[0] > 1 else False
 
     say("Exporting to ONNX")
     proto, used, fallback_reason, notes = _export(loaded, example, opset=opset, exporter=exporter,
@@ -181,13 +205,18 @@ def export_model(
                     external=external)
     if not parity:
         raise VerificationError(
-            f"The exported model differs from PyTorch: max abs diff {parity.max_abs_diff:.3g} exceeds atol {atol:g} "
-            f"(+ rtol {rtol:g}); nothing was written.",
-            hint="Try --exporter torchscript or another --opset; relax with --atol only if that is acceptable.",
+            f"The exported model differs from PyTorch: max abs diff {parity.max_abs_diff:.3g} exceeds atol "
+            f"{parity.effective_atol:.3g} (+ rtol {rtol:g}); nothing was written.",
+            hint="Try --exporter torchscript or another --opset; relax with --atol only if that is "
+            "acceptable.",
         )
 
     fp_batch = static_batch or 2
     fp_out = _fingerprint_at(loaded.module, preprocess, seed + 1, fp_batch)
+    fp_atol = effective_atol(1e-3, float(np.abs(fp_out).max(initial=0.0)))
+    actual_opset = _opset_of(proto)
+    if actual_opset != opset:
+        notes.insert(0, f"The {used} exporter produced opset {actual_opset}, not the requested {opset}.")
     batch_dim: int | str = static_batch if static_batch else "batch"
     import onnx
 
@@ -200,20 +229,24 @@ def export_model(
         source=replace(loaded.source, num_classes=num_classes),
         output_kind=loaded.output_kind,
         exporter=used,
-        opset=opset,
+        opset=actual_opset,
         versions={"deploykit": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxruntime": _ort_version(), "python": platform.python_version()},
         created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        fingerprint=make_fingerprint(fp_out, seed=seed + 1),
+        fingerprint=make_fingerprint(fp_out, seed=seed + 1, atol=fp_atol),
         parity=parity.to_dict(),
     )
     write_card(proto, card)
 
     say(f"Writing {target}")
     size = _write(proto, target, external=external)
-    return ExportResult(path=target, size_bytes=size, exporter=used, opset=opset,
-                        seconds=time.perf_counter() - started, card=card, parity=parity, external_data=external,
-                        fallback_reason=fallback_reason, warnings=tuple(notes))
+    if constant:
+        # e.g. a zero-initialised head (torchvision's ViTs) with --weights none: parity then proves little.
+        notes.insert(0, "The model's output does not depend on its input (random weights with a "
+                     "zero-initialised head?), so the parity check compares constants.")
+    return ExportResult(path=target, size_bytes=size, exporter=used, opset=actual_opset,
+                        seconds=time.perf_counter() - started, card=card, parity=parity,
+                        external_data=external, fallback_reason=fallback_reason, warnings=tuple(notes))
 
 
 def _fingerprint_at(module: Any, pp: Preprocess, seed: int, batch: int) -> np.ndarray:
@@ -227,6 +260,11 @@ def _ort_version() -> str:
     import onnxruntime
 
     return str(onnxruntime.__version__)
+
+
+def _opset_of(proto: Any) -> int:
+    """The default-domain opset a ModelProto declares."""
+    return max((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
 def _safe_name(name: str) -> str:
@@ -259,7 +297,8 @@ def _labels_for(labels: list[str] | None, num_classes: int) -> list[str]:
 
 
 def _preprocess(base: Preprocess, *, input_size: int | None, resize: int | None,
-                mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None) -> Preprocess:
+                mean: tuple[float, float, float] | None,
+                std: tuple[float, float, float] | None) -> Preprocess:
     changes: dict[str, Any] = {}
     if input_size is not None:
         if input_size < 8:
@@ -291,7 +330,8 @@ def _first_tensor(output: Any) -> torch.Tensor:
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    raise ExportError(f"The model returns {type(output).__name__}; deploykit expects a tensor of class scores.")
+    raise ExportError(f"The model returns {type(output).__name__}; deploykit expects a tensor of class "
+                      "scores.")
 
 
 class _FirstOutput:
@@ -316,20 +356,32 @@ def _export(loaded: LoadedModel, example: torch.Tensor, *, opset: int, exporter:
     """Run the chosen exporter; returns (ModelProto, exporter used, fallback reason, captured notes)."""
     import torch
 
-    module = _FirstOutput(loaded.module) if not isinstance(loaded.module, torch.jit.ScriptModule) else loaded.module
+    scripted = isinstance(loaded.module, torch.jit.ScriptModule)
+    module = loaded.module if scripted else _FirstOutput(loaded.module)
     notes: list[str] = []
     fallback_reason = None
     if exporter in ("auto", "dynamo") and not isinstance(module, torch.jit.ScriptModule):
         try:
-            return _export_dynamo(module, example, opset=opset, dynamic=dynamic, notes=notes), "dynamo", None, notes
+            proto = _export_dynamo(module, example, opset=opset, dynamic=dynamic, notes=notes)
         except Exception as exc:  # the dynamo exporter raises many unrelated types on unsupported models
             if exporter == "dynamo":
                 raise ExportError(f"The dynamo exporter failed: {_short(exc)}",
                                   hint="Try --exporter torchscript.") from exc
             fallback_reason = _short(exc)
+        else:
+            # The dynamo exporter builds at its own opset and converts down; when that conversion fails it
+            # keeps its own opset with only a warning, so check what it produced.
+            produced = _opset_of(proto)
+            if produced == opset:
+                return proto, "dynamo", None, notes
+            if exporter == "dynamo":
+                raise ExportError(f"The dynamo exporter could not produce opset {opset} "
+                                  f"(it produced {produced}).",
+                                  hint=f"Use --opset {produced}, or --exporter torchscript.")
+            fallback_reason = f"it could not convert to opset {opset} (it produced {produced})"
     try:
-        return _export_torchscript(module, example, opset=opset, dynamic=dynamic, notes=notes), "torchscript", \
-            fallback_reason, notes
+        proto = _export_torchscript(module, example, opset=opset, dynamic=dynamic, notes=notes)
+        return proto, "torchscript", fallback_reason, notes
     except Exception as exc:  # torch.onnx.errors.* and RuntimeErrors from tracing
         before = f" (the dynamo exporter failed first: {fallback_reason})" if fallback_reason else ""
         raise ExportError(f"ONNX export failed: {_short(exc)}{before}",
@@ -343,7 +395,7 @@ def _short(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet(notes: list[str]) -> Any:
-    """Keep the exporters' prints and warnings off stdout (which may carry --json), and keep them for --debug."""
+    """Keep the exporters' prints and warnings off stdout (which may carry --json); keep them as notes."""
     buffer = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(buffer):
         warnings.simplefilter("always")
@@ -358,7 +410,8 @@ def _export_dynamo(module: Any, example: torch.Tensor, *, opset: int, dynamic: b
     dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
     with _quiet(notes):
         program = torch.onnx.export(module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], opset_version=opset, dynamic_shapes=dynamic_shapes,
+                                    output_names=[OUTPUT_NAME], opset_version=opset,
+                                    dynamic_shapes=dynamic_shapes,
                                     external_data=False, optimize=True, verbose=False)
     if program is None:
         raise ExportError("The dynamo exporter produced no program.")
@@ -375,7 +428,7 @@ def _export_torchscript(module: Any, example: torch.Tensor, *, opset: int, dynam
     buffer = io.BytesIO()
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
     with _quiet(notes):
-        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+        torch.onnx.export(module, (example,), cast(Any, buffer), dynamo=False, input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], opset_version=min(opset, 20), dynamic_axes=axes,
                           do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())
@@ -407,8 +460,7 @@ def _check(proto: Any, module: Any, pp: Preprocess, batches: tuple[int, ...], *,
         return ParityCheck(batches, float("nan"), float("nan"), atol, rtol, True)
     session = create_session(proto.SerializeToString())
     input_name = session.get_inputs()[0].name
-    max_abs = max_rel = 0.0
-    ok = True
+    pairs = []
     for i, batch in enumerate(batches):
         x = fingerprint_input(pp, seed + 100 + i, batch)
         with torch.inference_mode():
@@ -416,15 +468,22 @@ def _check(proto: Any, module: Any, pp: Preprocess, batches: tuple[int, ...], *,
         try:
             actual = session.run(None, {input_name: x})[0]
         except Exception as exc:  # onnxruntime's own error types
-            raise ExportError(f"ONNX Runtime failed to run the exported model at batch {batch}: {_short(exc)}") from exc
+            raise ExportError(f"ONNX Runtime failed to run the exported model at batch {batch}: "
+                              f"{_short(exc)}") from exc
         if actual.shape != expected.shape:
             raise ExportError(f"At batch {batch} ONNX Runtime returned shape {actual.shape}, PyTorch "
                               f"{expected.shape}.")
+        pairs.append((actual, expected))
+    scale = max(float(np.abs(expected).max(initial=0.0)) for _, expected in pairs)
+    tolerance = effective_atol(atol, scale)
+    max_abs = max_rel = 0.0
+    ok = True
+    for actual, expected in pairs:
         diff = np.abs(actual - expected)
-        max_abs = max(max_abs, float(diff.max()))
-        max_rel = max(max_rel, float((diff / np.maximum(np.abs(expected), 1e-12)).max()))
-        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(expected)))
-    return ParityCheck(batches, max_abs, max_rel, atol, rtol, ok)
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(expected), 1e-12)).max(initial=0.0)))
+        ok = ok and bool(np.all(diff <= tolerance + rtol * np.abs(expected)))
+    return ParityCheck(batches, max_abs, max_rel, atol, rtol, ok, scale, tolerance)
 
 
 def _write(proto: Any, target: Path, *, external: bool) -> int:

@@ -19,17 +19,7 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
     ``target`` is left untouched. Raises ``UsageError`` when the folder cannot be written.
     """
     target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"Cannot write {str(target)!r}: folder {str(folder)!r} does not exist.",
-                         hint="Create it first or choose another --output.")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=folder)
-    except OSError as exc:
-        raise UsageError(f"Cannot write to {str(folder)!r}: {exc.strerror}.",
-                         hint="Choose a writable --output path.") from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temp_beside(target, suffix)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o644)
@@ -38,6 +28,30 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _temp_beside(target: Path, suffix: str = "") -> Path:
+    """Create an empty temporary file in ``target``'s folder; ``UsageError`` when that is impossible."""
+    folder = target.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"Cannot write {str(target)!r}: {str(folder)!r} {problem}.",
+                         hint="Create the folder first or choose another --output.")
+    if target.is_dir():
+        raise UsageError(f"Cannot write {str(target)!r}: it is a folder.",
+                         hint="Give a file path such as model.onnx.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"Cannot write to {str(folder)!r}: {exc.strerror}.",
+                         hint="Choose a writable --output path.") from exc
+    os.close(fd)
+    return Path(tmp)
+
+
+def check_writable(target: str | Path) -> None:
+    """Raise ``UsageError`` now, rather than after a long job, when ``target`` could not be written."""
+    _temp_beside(Path(target)).unlink()
 
 
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:

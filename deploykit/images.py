@@ -8,7 +8,6 @@ NumPy only; it never imports torch.
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +21,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_MAX_PIXELS = 64_000_000
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                            ".pgm"})
 
 
 class InvalidImageError(DeployKitError):
@@ -50,26 +50,29 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if not data:
         raise InvalidImageError("The image is empty (0 bytes).")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidImageError(
-                    f"The image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels "
-                    "(decompression bomb protection)."
-                )
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
+        # Our own pixel limit is checked before decoding. warnings.catch_warnings is not used to turn
+        # Pillow's DecompressionBombWarning into an error because it is not thread-safe (the server decodes
+        # in threads); Pillow itself still raises DecompressionBombError above twice its own limit.
+        opened = Image.open(io.BytesIO(data))
+        width, height = opened.size
+        if width * height > max_pixels:
+            raise InvalidImageError(
+                f"The image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels "
+                "(decompression bomb protection)."
+            )
+        opened.load()
+        image: Image.Image = ImageOps.exif_transpose(opened) or opened
     except UnidentifiedImageError as exc:
         raise InvalidImageError(
             "The data is not an image in a format Pillow can read (JPEG, PNG, WebP, BMP, TIFF, GIF...).",
             unsupported=True,
         ) from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImageError("The image is too large to decode safely (decompression bomb protection).") from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(
+            "The image is too large to decode safely (decompression bomb protection).") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"The image could not be decoded; it may be truncated or corrupt ({exc}).") from exc
+        raise InvalidImageError(
+            f"The image could not be decoded; it may be truncated or corrupt ({exc}).") from exc
     return to_rgb(image)
 
 

@@ -54,7 +54,8 @@ class InspectResult:
             return ", ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in items)
 
         lines = [
-            f"{self.path}  ({self.size_bytes / 1e6:.1f} MB, opset {self.opset}, {self.parameters:,} parameters, "
+            f"{self.path}  ({self.size_bytes / 1e6:.1f} MB, opset {self.opset}, "
+            f"{self.parameters:,} parameters, "
             f"{self.nodes} nodes, producer {self.producer})",
             f"inputs:  {tensors(self.inputs)}",
             f"outputs: {tensors(self.outputs)}",
@@ -67,8 +68,10 @@ class InspectResult:
             labels = ", ".join(c.labels[:5]) + (", ..." if len(c.labels) > 5 else "")
             lines += [
                 f"model card: {c.name} ({c.task}, {c.precision}, {c.num_classes} classes: {labels})",
-                f"  source: {c.source.kind} {c.source.name or c.source.path or ''} weights={c.source.weights}",
-                f"  preprocess: resize {pp.resize}, crop {pp.crop}, {pp.interpolation}, mean {list(pp.mean)}, "
+                f"  source: {c.source.kind} {c.source.name or c.source.path or ''} "
+                f"weights={c.source.weights}",
+                f"  preprocess: resize {pp.resize}, crop {pp.crop}, {pp.interpolation}, "
+                f"mean {list(pp.mean)}, "
                 f"std {list(pp.std)}, {pp.channel_order} {pp.layout}",
                 f"  exporter: {c.exporter}, opset {c.opset}, created {c.created}",
                 f"  fingerprint: {'yes' if c.fingerprint else 'no'}",

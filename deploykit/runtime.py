@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from deploykit.card import ModelCard, card_from_metadata
 from deploykit.errors import ModelFileError, UsageError
 
 if TYPE_CHECKING:
+    # NumPy is imported where it is used: `deploykit predict` against a server needs only Prediction.
+    import numpy as np
     import onnxruntime as ort
     from PIL import Image
 
@@ -62,7 +62,8 @@ def resolve_providers(requested: Sequence[str]) -> list[str]:
             raise UsageError(
                 f"Requested provider {name!r} ({full}) is not available; available providers are "
                 f"{', '.join(available)}.",
-                hint="Install the matching onnxruntime package (e.g. onnxruntime-gpu) or choose another --provider.",
+                hint="Install the matching onnxruntime package (e.g. onnxruntime-gpu) "
+                "or choose another --provider.",
             )
         resolved.append(full)
     return resolved
@@ -112,6 +113,8 @@ def create_session(model: str | Path | bytes, options: SessionOptions | None = N
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    import numpy as np
+
     shifted = logits - logits.max(axis=axis, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=axis, keepdims=True)
@@ -131,6 +134,8 @@ class Prediction:
 
 def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[list[Prediction]]:
     """Top-k classes per row of a (N, C) probability array, highest first."""
+    import numpy as np
+
     k = max(1, min(k, probabilities.shape[-1]))
     order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
     return [
@@ -172,6 +177,8 @@ class Predictor:
         return self.to_probabilities(self.run(batch)[0])
 
     def to_probabilities(self, output: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         output = output.astype(np.float32, copy=False)
         return softmax(output) if self.card.output_kind == "logits" else output
 

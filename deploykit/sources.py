@@ -7,9 +7,12 @@ torch is imported only here, in export.py and in verify.py.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
+import io
+import socket
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -17,7 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploykit.card import Preprocess, Source
-from deploykit.errors import ModelNotFoundError, UsageError, WeightsUnavailableError, require
+from deploykit.errors import (
+    MissingExtraError,
+    ModelNotFoundError,
+    UsageError,
+    WeightsUnavailableError,
+    require,
+)
 from deploykit.files import sha256_file
 
 if TYPE_CHECKING:
@@ -42,8 +51,12 @@ class LoadedModel:
 def _torch() -> Any:
     require("torch", "torch")
     require("torchvision", "torch")
-    import torch
-
+    try:
+        import torch
+        import torchvision  # noqa: F401  (checked here so a broken install gives the same one-line error)
+    except ImportError as exc:  # present but not importable (a broken or partial install)
+        missing = "torchvision" if "torchvision" in str(exc) else "torch"
+        raise MissingExtraError(missing, "torch") from exc
     return torch
 
 
@@ -128,12 +141,15 @@ def _from_torchvision(name: str, *, weights: str | None, seed: int) -> LoadedMod
     choice = (weights or "none").strip()
     if choice.lower() == "none":
         torch.manual_seed(seed)
-        module = torchvision.models.get_model(name, weights=None)
+        # inception/googlenet warn unless init_weights is explicit; True is their default for weights=None.
+        kwargs = {"init_weights": True} if name in ("inception_v3", "googlenet") else {}
+        module = torchvision.models.get_model(name, weights=None, **kwargs)
         source = Source(kind="torchvision", name=name, weights="none", seed=seed)
         meta_weights = default
     elif Path(choice).suffix.lower() in CHECKPOINT_SUFFIXES or Path(choice).is_file():
         state = _load_state_dict(Path(choice))
-        module = _build_fitting(lambda **kw: torchvision.models.get_model(name, weights=None, **kw), state, name)
+        module = _build_fitting(lambda **kw: torchvision.models.get_model(name, weights=None, **kw), state,
+                                name)
         source = Source(kind="torchvision", name=name, weights="file", path=str(Path(choice).resolve()),
                         sha256=sha256_file(choice))
         meta_weights = default
@@ -141,11 +157,22 @@ def _from_torchvision(name: str, *, weights: str | None, seed: int) -> LoadedMod
         meta_weights = _pick_weights(enum, choice, name)
         state = _fetch_weights(meta_weights, name)
         module = torchvision.models.get_model(name, weights=None, **_weights_kwargs(name, meta_weights))
-        module.load_state_dict(state)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise WeightsUnavailableError(
+                f"The cached weights for {name}.{meta_weights.name} do not fit the model: "
+                f"{_mismatch(module, state)}.",
+                hint=f"Delete {_cache_file(meta_weights)} to download it again, or use --weights none or "
+                "PATH.",
+            ) from exc
         source = Source(kind="torchvision", name=name, weights=meta_weights.name)
     module.eval()
     categories = list(meta_weights.meta.get("categories") or [])
-    return LoadedModel(module=module, name=name, source=source, labels=categories or None,
+    # A fine-tuned state dict (--weights PATH) may have another class count: then the names do not apply.
+    classes = _num_classes(module.state_dict())
+    labels = categories if categories and (classes is None or classes == len(categories)) else None
+    return LoadedModel(module=module, name=name, source=source, labels=labels,
                        preprocess=_preprocess_from_weights(meta_weights))
 
 
@@ -170,21 +197,49 @@ def _weights_kwargs(name: str, weights: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _fetch_weights(weights: Any, name: str) -> dict[str, Any]:
-    """Load pretrained weights through torchvision's API and torch's hub cache; clear error when offline."""
+DOWNLOAD_TIMEOUT = 30.0  # seconds without progress before a weights download gives up
+
+
+def _cache_file(weights: Any) -> Path:
+    """Where torch's hub cache keeps (or would keep) the file of these torchvision weights."""
     torch = _torch()
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def _fetch_weights(weights: Any, name: str) -> dict[str, Any]:
+    """Load pretrained weights through torchvision's API and torch's hub cache; clear error when offline.
+
+    torch.hub checks the sha256 prefix in the file name only when it downloads; a file already in the cache
+    is trusted and loaded as is (so a state dict placed there by hand works offline).
+    """
+    cache = _cache_file(weights)
+    if cache.is_file():
+        try:
+            return dict(weights.get_state_dict(progress=False, check_hash=True))
+        except Exception as exc:  # torch.load raises RuntimeError, UnpicklingError, EOFError... on a bad file
+            raise WeightsUnavailableError(
+                f"The cached weights file {str(cache)!r} cannot be read ({type(exc).__name__}: "
+                f"{_first_line(exc)}).",
+                hint="Delete it to download it again, or use --weights none or --weights PATH.",
+            ) from exc
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # urllib has no timeout by default: a firewalled host hangs
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "hash" not in str(exc).lower() and "zip" not in str(exc).lower():
+        # torch.hub prints "Downloading: ..." on stdout, which may carry --json.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return dict(weights.get_state_dict(progress=False, check_hash=True))
+    except (OSError, RuntimeError) as exc:  # URLError/timeouts are OSErrors; a bad hash is a RuntimeError
+        if isinstance(exc, RuntimeError) and "hash" not in str(exc).lower():
             raise
+        reason = "the download did not match its hash" if isinstance(exc, RuntimeError) else _first_line(exc)
         raise WeightsUnavailableError(
             f"Pretrained weights {name}.{weights.name} are not cached and could not be downloaded "
-            f"({type(exc).__name__}).",
+            f"({reason}).",
             hint=f"Use --weights none for random weights, --weights PATH for a state dict, or place "
             f"{cache.name} in {cache.parent} (torch's hub cache; set TORCH_HOME to move it).",
         ) from exc
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _load_state_dict(path: Path) -> dict[str, Any]:
@@ -216,13 +271,42 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message, short enough for a one-line error."""
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    end = line.find(". ")
+    line = line[:end] if end > 0 else line.rstrip(".")
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _mismatch(module: Any, state: dict[str, Any], limit: int = 3) -> str:
+    """Why ``state`` does not load into ``module``: missing/unexpected keys and shape differences, briefly."""
+    expected = module.state_dict()
+
+    def some(keys: list[str]) -> str:
+        shown = ", ".join(keys[:limit])
+        return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) ({some(shapes)})")
+    return "; ".join(parts) or "the keys and shapes match, but loading failed"
 
 
 def _num_classes(state: dict[str, Any]) -> int | None:
     """Classes of the final linear layer: the last 2-D weight that is not an auxiliary head."""
-    candidates = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2 and "aux" not in k.lower()]
+    candidates = [k for k, v in state.items()
+                  if k.endswith("weight") and v.ndim == 2 and "aux" not in k.lower()]
     return int(state[candidates[-1]].shape[0]) if candidates else None
 
 
@@ -239,9 +323,8 @@ def _build_fitting(build: Any, state: dict[str, Any], arch: str) -> torch.nn.Mod
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        detail = str(exc).split("\n\t")
         raise UsageError(
-            f"The state dict does not fit --arch {arch}: {detail[1].strip() if len(detail) > 1 else _first_line(exc)}",
+            f"The state dict does not fit --arch {arch}: {_mismatch(module, state)}.",
             hint="Pass the architecture the checkpoint was trained with.",
         ) from exc
     return module
@@ -257,12 +340,14 @@ def _from_file(path: Path, *, arch: str | None, trust_pickle: bool, seed: int) -
         except RuntimeError as exc:
             raise UsageError(f"{str(path)!r} is not a loadable TorchScript file: {_first_line(exc)}") from exc
         module.eval()
-        return LoadedModel(module=module, name=name, source=Source(kind="torchscript", path=str(path.resolve()),
-                                                                   sha256=digest))
+        source = Source(kind="torchscript", path=str(path.resolve()), sha256=digest)
+        return LoadedModel(module=module, name=name, source=source)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError for objects, RuntimeError/EOFError for damage
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # Only "Unsupported global" means a pickled object; other weights_only failures (an unknown opcode,
+        # a bad load key) are damaged or foreign files, and --trust-pickle would not help.
+        if "Unsupported global" in str(exc):
             if not trust_pickle:
                 raise UsageError(
                     f"{str(path)!r} is a pickled model object, not a state dict. Unpickling runs code "
@@ -270,7 +355,13 @@ def _from_file(path: Path, *, arch: str | None, trust_pickle: bool, seed: int) -
                     hint="Only if you trust its origin, pass --trust-pickle; better, save a state dict "
                     "(torch.save(model.state_dict(), ...)) and pass --arch.",
                 ) from exc
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except (ImportError, AttributeError) as inner:  # the pickled classes are not importable here
+                raise UsageError(
+                    f"{str(path)!r} cannot be unpickled: {_first_line(inner)}.",
+                    hint="The model's class must be importable (run from its project folder or install it).",
+                ) from inner
         else:
             raise UsageError(
                 f"{str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {_first_line(exc)}).",
@@ -285,13 +376,15 @@ def _from_file(path: Path, *, arch: str | None, trust_pickle: bool, seed: int) -
     if not arch:
         raise UsageError(
             f"{str(path)!r} is a state dict; it needs the architecture it belongs to.",
-            hint="Pass --arch NAME (a torchvision model name such as resnet18, or a factory pkg.module:function).",
+            hint="Pass --arch NAME (a torchvision model name such as resnet18, or a factory "
+            "pkg.module:function).",
         )
     if ":" in arch:
         base = _from_factory(arch, weights="none", seed=seed, state=state)
         return LoadedModel(module=base.module, name=name,
-                           source=Source(kind="checkpoint", arch=arch, weights="file", path=str(path.resolve()),
-                                         sha256=digest, num_classes=_num_classes(state)),
+                           source=Source(kind="checkpoint", arch=arch, weights="file",
+                                         path=str(path.resolve()), sha256=digest,
+                                         num_classes=_num_classes(state)),
                            labels=base.labels, preprocess=base.preprocess, output_kind=base.output_kind)
     import torchvision
 
@@ -323,15 +416,18 @@ def _is_torchscript(path: Path) -> bool:
 def _import_factory(spec: str) -> Any:
     module_part, _, attr = spec.rpartition(":")
     if not module_part or not attr:
-        raise UsageError(f"Factory {spec!r} must look like package.module:function or path/to/file.py:function.")
+        raise UsageError(f"Factory {spec!r} must look like package.module:function or "
+                         "path/to/file.py:function.")
     try:
         if module_part.endswith(".py"):
             file = Path(module_part)
             if not file.is_file():
-                raise ModelNotFoundError(f"Factory file {module_part!r} does not exist.", hint="Check the path.")
+                raise ModelNotFoundError(f"Factory file {module_part!r} does not exist.",
+                                         hint="Check the path.")
             mod_name = f"deploykit_factory_{abs(hash(str(file.resolve())))}"
             loader_spec = importlib.util.spec_from_file_location(mod_name, file)
-            assert loader_spec is not None and loader_spec.loader is not None
+            if loader_spec is None or loader_spec.loader is None:
+                raise ModelNotFoundError(f"Cannot load {module_part!r} as a Python module.")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[mod_name] = module
             loader_spec.loader.exec_module(module)
@@ -348,25 +444,32 @@ def _import_factory(spec: str) -> Any:
         raise ModelNotFoundError(f"{module_part!r} has no attribute {attr!r}.") from exc
 
 
-def _from_factory(spec: str, *, weights: str | None, seed: int, state: dict[str, Any] | None = None) -> LoadedModel:
+def _from_factory(spec: str, *, weights: str | None, seed: int,
+                  state: dict[str, Any] | None = None) -> LoadedModel:
     torch = _torch()
     factory = _import_factory(spec)
     torch.manual_seed(seed)
     module = factory()
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"Factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module.")
-    source = Source(kind="factory", name=spec, seed=seed, weights="factory")
+    # A file factory is recorded with its absolute path, so verify can rebuild it from any folder.
+    module_part, _, attr = spec.rpartition(":")
+    recorded = f"{Path(module_part).resolve()}:{attr}" if module_part.endswith(".py") else spec
+    source = Source(kind="factory", name=recorded, seed=seed, weights="factory")
     choice = (weights or "DEFAULT").strip()
     if state is None and choice.upper() not in ("DEFAULT", "NONE", "FACTORY"):
         weights_path = Path(choice)
         state = _load_state_dict(weights_path)
-        source = Source(kind="factory", name=spec, seed=seed, weights="file", path=str(weights_path.resolve()),
-                        sha256=sha256_file(weights_path))
+        source = Source(kind="factory", name=recorded, seed=seed, weights="file",
+                        path=str(weights_path.resolve()), sha256=sha256_file(weights_path))
     if state is not None:
         try:
             module.load_state_dict(state)
         except RuntimeError as exc:
-            raise UsageError(f"The state dict does not fit factory {spec!r}: {_first_line(exc)}") from exc
+            raise UsageError(f"The state dict does not fit factory {spec!r}: {_mismatch(module, state)}.",
+                             hint="Pass the factory that builds the architecture the checkpoint was "
+                             "trained with.",
+                             ) from exc
     module.eval()
     name = str(getattr(module, "deploykit_meta", {}).get("name") or spec.rpartition(":")[2])
     return _apply_meta(LoadedModel(module=module, name=name, source=source), module)
@@ -378,8 +481,12 @@ def _apply_meta(loaded: LoadedModel, module: Any) -> LoadedModel:
     if meta.get("labels"):
         loaded.labels = [str(v) for v in meta["labels"]]
     if meta.get("preprocess"):
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()}
-        loaded.preprocess = Preprocess(**fields)
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in meta["preprocess"].items()}
+        try:
+            loaded.preprocess = Preprocess(**fields)
+        except TypeError as exc:
+            raise UsageError(f"deploykit_meta['preprocess'] of the model is invalid: {exc}.") from exc
     if meta.get("output_kind"):
         loaded.output_kind = str(meta["output_kind"])
     return loaded
@@ -393,7 +500,8 @@ def rebuild_source(source: Source) -> LoadedModel:
     """
     from deploykit.errors import VerificationError
 
-    if source.path and source.weights in ("file", None) or source.kind in ("checkpoint", "torchscript", "pickle"):
+    from_file = source.kind in ("checkpoint", "torchscript", "pickle")
+    if source.path and source.weights in ("file", None) or from_file:
         path = Path(source.path or "")
         if not path.is_file():
             raise ModelNotFoundError(
@@ -409,10 +517,12 @@ def rebuild_source(source: Source) -> LoadedModel:
         return _from_torchvision(source.name or "", weights=source.path if source.weights == "file"
                                  else source.weights, seed=source.seed or 0)
     if source.kind == "factory":
-        return _from_factory(source.name or "", weights=source.path if source.weights == "file" else "DEFAULT",
+        return _from_factory(source.name or "",
+                             weights=source.path if source.weights == "file" else "DEFAULT",
                              seed=source.seed or 0)
     if source.kind == "checkpoint":
-        return _from_file(Path(source.path or ""), arch=source.arch, trust_pickle=False, seed=source.seed or 0)
+        return _from_file(Path(source.path or ""), arch=source.arch, trust_pickle=False,
+                          seed=source.seed or 0)
     if source.kind in ("torchscript", "pickle"):
         return _from_file(Path(source.path or ""), arch=None, trust_pickle=source.kind == "pickle",
                           seed=source.seed or 0)

@@ -24,9 +24,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: bytes | None =
             cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m deploykit ARGS` in a fresh interpreter, as a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "deploykit", *args], capture_output=True, env=full_env,
-                          input=input.decode("latin-1") if input is not None else None, text=True,
-                          timeout=timeout, cwd=cwd)
+    raw = subprocess.run([sys.executable, "-m", "deploykit", *args], capture_output=True, env=full_env,
+                         input=input, timeout=timeout, cwd=cwd)
+    # stdin stays binary (images); the output is decoded for the assertions.
+    return subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode("utf-8", "replace"),
+                                       raw.stderr.decode("utf-8", "replace"))
 
 
 def free_port() -> int:
@@ -105,7 +107,7 @@ def start_server(args: list[str], log_path: Path, *, env: dict[str, str] | None 
         try:
             if requests.get(url + ready_path, timeout=1).status_code == 200:
                 return server
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a booting worker may not answer within 1 s
             pass
         time.sleep(0.1)
     server.terminate()

@@ -10,11 +10,37 @@ from __future__ import annotations
 import os
 import sys
 
-import click
+import typer
 
-from deploykit.cli._app import app, state
 from deploykit.cli import bench, export, inspect, package, predict, serve, verify  # noqa: F401  (registers commands)
+from deploykit.cli._app import app, state
 from deploykit.errors import DeployKitError, ExitCode
+
+
+def _exception_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...],
+                                tuple[type[BaseException], ...]]:
+    """(exit, usage error, abort) classes: Typer >= 0.25 vendors its own click, older Typer raises click's."""
+    exits: list[type[BaseException]] = [typer.Exit]
+    usage: list[type[BaseException]] = []
+    aborts: list[type[BaseException]] = [typer.Abort, KeyboardInterrupt]
+    try:
+        from typer._click.exceptions import ClickException
+
+        usage.append(ClickException)
+    except ImportError:  # older Typer
+        pass
+    try:
+        import click
+
+        exits.append(click.exceptions.Exit)
+        usage.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:  # newer Typer does not need click
+        pass
+    return tuple(exits), tuple(usage), tuple(aborts)
+
+
+_EXIT, _USAGE, _ABORT = _exception_types()
 
 __all__ = ["app", "main"]
 
@@ -25,12 +51,12 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         rv = app(args=argv, prog_name="deploykit", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except _EXIT as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except _USAGE as exc:
+        exc.show()  # type: ignore[attr-defined]
         sys.exit(ExitCode.USAGE)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _ABORT:
         error("Interrupted.")
         sys.exit(130)
     except DeployKitError as exc:
@@ -40,5 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         error(str(exc))
         sys.exit(int(exc.exit_code))
+    if rv == 130:  # Typer turns Ctrl-C inside a command into the return value 130, silently
+        error("Interrupted.")
     sys.exit(int(rv) if isinstance(rv, int) else 0)
 

@@ -20,8 +20,10 @@ def stdout_is_tty() -> bool:
 
 def error(message: str) -> None:
     """One line on stderr."""
-    err_console.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False) if err_console.is_terminal \
-        else print(f"Error: {message}", file=sys.stderr)
+    if err_console.is_terminal:
+        err_console.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False)
+    else:
+        print(f"Error: {message}", file=sys.stderr)
 
 
 def info(message: str) -> None:

@@ -28,14 +28,16 @@ def _triple(value: str | None, option: str) -> tuple[float, float, float] | None
         parts = ()
     if len(parts) != 3:
         raise typer.BadParameter(f"expected three comma-separated numbers, got {value!r}", param_hint=option)
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="torchvision name (resnet18), checkpoint (.pt/.pth), TorchScript file, "
+    model: str = typer.Argument(...,
+                                help="torchvision name (resnet18), checkpoint (.pt/.pth), TorchScript file, "
                                 "or factory package.module:function / path/file.py:function."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Output .onnx path [default: <name>.onnx]."),
+    output: Path | None = typer.Option(None, "-o", "--output",
+                                       help="Output .onnx path \\[default: <name>.onnx]."),
     arch: str | None = typer.Option(None, "--arch", help="Architecture of a state-dict checkpoint."),
     weights: str = typer.Option("DEFAULT", "--weights", help="DEFAULT, a weights name (IMAGENET1K_V1), none "
                                 "(random, seeded), or a state-dict path."),
@@ -43,19 +45,28 @@ def export(
                                       "unpickling runs code from the file."),
     labels: Path | None = typer.Option(None, "--labels", exists=True, dir_okay=False,
                                        help="Class labels: text file (one per line) or JSON list."),
-    input_size: int | None = typer.Option(None, "--input-size", help="Crop size [default: from the weights]."),
-    resize: int | None = typer.Option(None, "--resize", help="Resize the shorter side to this before cropping."),
+    input_size: int | None = typer.Option(None, "--input-size",
+                                          help="Crop size \\[default: from the weights]."),
+    resize: int | None = typer.Option(None, "--resize",
+                                      help="Resize the shorter side to this before cropping."),
     mean: str | None = typer.Option(None, "--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406."),
     std: str | None = typer.Option(None, "--std", help="Normalisation std, e.g. 0.229,0.224,0.225."),
-    static_batch: int | None = typer.Option(None, "--static-batch", help="Fix the batch size [default: dynamic]."),
+    static_batch: int | None = typer.Option(None, "--static-batch",
+                                            help="Fix the batch size \\[default: dynamic]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset."),
-    exporter: str = typer.Option("auto", "--exporter", help="auto (dynamo, then torchscript), dynamo, torchscript."),
+    exporter: str = typer.Option("auto", "--exporter",
+                                 help="auto (dynamo, then torchscript), dynamo, torchscript."),
     seed: int = typer.Option(0, "--seed", help="Seed for --weights none and the check inputs."),
-    name: str | None = typer.Option(None, "--name", help="Model name in the card [default: from MODEL]."),
-    quantize: str | None = typer.Option(None, "--quantize", help="int8: static QDQ quantization after export."),
-    calibration: Path | None = typer.Option(None, "--calibration", help="Folder of calibration images for int8."),
-    precision: str | None = typer.Option(None, "--precision", help="fp16: half-precision weights (fp32 I/O)."),
-    optimize: bool = typer.Option(False, "--optimize", help="Save the graph as optimised by ONNX Runtime."),
+    name: str | None = typer.Option(None, "--name", help="Model name in the card \\[default: from MODEL]."),
+    quantize: str | None = typer.Option(None, "--quantize", help="int8: also write <stem>.int8.onnx "
+                                        "beside the fp32 file (static QDQ, per-channel), then checked."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="Folder of images from your "
+                                            "domain to calibrate int8 on (default: the bundled examples)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp16: also write <stem>.fp16.onnx "
+                                         "(half-precision weights, fp32 inputs and outputs; for GPUs)."),
+    optimize: bool = typer.Option(False, "--optimize", help="Also write <stem>.opt.onnx, the graph as "
+                                  "optimised by ONNX Runtime (extended level); with --quantize int8: "
+                                  "<stem>.int8.opt.onnx."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     list_models: bool = typer.Option(False, "--list", callback=_list_models, is_eager=True,
                                      help="List torchvision classification models and exit."),
@@ -63,6 +74,12 @@ def export(
     """Export a PyTorch model to ONNX with its model card inside, and check it against PyTorch."""
     from deploykit.export import export_model
 
+    steps: tuple[str, ...] = ()
+    if quantize or precision or optimize or calibration:
+        from deploykit.optimize import check_options
+
+        steps = check_options(quantize=quantize, precision=precision, optimize=optimize,
+                              calibration=calibration)
     with progress_status(not as_json) as say:
         result = export_model(
             model, output=output, arch=arch, weights=weights, trust_pickle=trust_pickle, labels_file=labels,
@@ -70,7 +87,7 @@ def export(
             static_batch=static_batch, opset=opset, exporter=exporter, seed=seed, name=name, progress=say,
         )
         summary = result.to_dict()
-        if quantize or precision or optimize:
+        if steps:
             from deploykit.optimize import optimize_export
 
             optimized = optimize_export(result, quantize=quantize, precision=precision, optimize=optimize,
@@ -80,5 +97,5 @@ def export(
         emit_json(summary)
         return
     out_console.print(str(result), markup=False)
-    if quantize or precision or optimize:
+    if steps:
         out_console.print(str(optimized), markup=False)

@@ -1,1 +1,84 @@
-"""`deploykit serve`: not yet registered."""
+"""`deploykit serve`: serve ONNX models over HTTP (deploykit REST API + Open Inference Protocol)."""
+
+from __future__ import annotations
+
+import typer
+
+from deploykit.cli._app import app
+from deploykit.cli._output import info
+
+
+@app.command()
+def serve(
+    models: list[str] | None = typer.Argument(
+        None,
+        metavar="MODEL",
+        help=".onnx file, folder of them, or name=path (default: the .onnx files in the current folder).",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server."),
+    port: int = typer.Option(5000, "--port", help="Port to listen on."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes (each loads every model)."),
+    threads: int = typer.Option(8, "--threads", help="Request threads per worker."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Most images per ONNX Runtime call."),
+    max_batch_delay_ms: float = typer.Option(
+        5.0, "--max-batch-delay-ms", help="Longest wait to fill a batch."
+    ),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests queued per model before answering 503."),
+    request_timeout: float = typer.Option(
+        30.0, "--request-timeout", help="Seconds a request may wait (504)."
+    ),
+    max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="Largest request body in MB (413)."),
+    graceful_timeout: float = typer.Option(
+        30.0, "--graceful-timeout", help="Seconds to finish requests on SIGTERM."
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="DEPLOYKIT_API_KEY",
+        show_envvar=True,
+        help="Require this key (Authorization: Bearer or X-API-Key).",
+    ),
+    cors_origin: list[str] | None = typer.Option(
+        None,
+        "--cors-origin",
+        help="Allow browser calls from this origin (repeatable, * for any). No CORS by default.",
+    ),
+    intra_op_threads: int | None = typer.Option(
+        None, "--intra-op-threads", help="ONNX Runtime threads per worker (default: cores / workers)."
+    ),
+    provider: list[str] | None = typer.Option(
+        None, "--provider", help="ONNX Runtime provider (cpu, cuda...)."
+    ),
+    no_self_test: bool = typer.Option(
+        False, "--no-self-test", help="Skip the fingerprint self-test; ready as soon as the models load."
+    ),
+    dev: bool = typer.Option(False, "--dev", help="Flask's development server instead of gunicorn."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve models: POST /predict, the Open Inference Protocol at /v2, /metrics, and a web page at /."""
+    from deploykit.serve.config import ServeConfig, parse_model_specs
+    from deploykit.serve.runner import run_server
+
+    if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    config = ServeConfig(
+        models=parse_model_specs(models or []),
+        host=host,
+        port=port,
+        workers=workers,
+        threads=threads,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        max_body_mb=max_body_mb,
+        graceful_timeout=graceful_timeout,
+        api_key=api_key,
+        cors_origins=tuple(cors_origin or ()),
+        intra_op_threads=intra_op_threads,
+        providers=tuple(provider or ("cpu",)),
+        self_test=not no_self_test,
+        dev=dev,
+        log_level=log_level.lower(),
+    )
+    raise typer.Exit(run_server(config, announce=info))

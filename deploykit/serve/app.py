@@ -1,0 +1,200 @@
+"""The Flask app factory: ``create_app(config)``.
+
+Error boundary: known HTTP errors are re-raised as JSON ``{"error": ...}``, user errors answer 4xx, anything
+else is logged with its traceback and answered with a generic JSON 500 (no exception text, no paths).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, g, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from deploykit.errors import DeployKitError
+from deploykit.images import InvalidImageError
+from deploykit.serve.batching import ServeError
+from deploykit.serve.config import ServeConfig
+from deploykit.serve.metrics import Metrics
+from deploykit.serve.registry import Registry
+
+log = logging.getLogger("deploykit.serve")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+EXTENSION = "deploykit"
+# Open without an API key: health for load balancers, metrics for Prometheus, the web page.
+OPEN_ENDPOINTS = frozenset({"v2.live", "v2.ready", "metrics", "index", "static"})
+PLACEHOLDER_PAGE = (
+    "<!doctype html><html><head><meta charset='utf-8'><title>deploykit</title></head>"
+    "<body><h1>deploykit</h1><p>POST an image to <code>/predict</code>.</p></body></html>"
+)
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer without Flask's jsonify overhead (no pretty-printing, no sorting)."""
+    return Response(
+        json.dumps(data, separators=(",", ":")), status=status, headers=headers, mimetype="application/json"
+    )
+
+
+def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": message}, status, headers)
+
+
+def registry_of(app: Flask) -> Registry:
+    registry: Registry = app.extensions[EXTENSION]
+    return registry
+
+
+def create_app(config: ServeConfig) -> Flask:
+    """Build the server app for ``config``: load the models (in the background when
+    ``config.load_in_background``), register the deploykit REST API, the Open Inference Protocol, ``/metrics``
+    and the web page."""
+    app = Flask("deploykit.serve", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["MAX_FORM_MEMORY_SIZE"] = config.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    metrics = Metrics()
+    registry = Registry(config, metrics)
+    app.extensions[EXTENSION] = registry
+    app.extensions["deploykit.config"] = config
+    app.extensions["deploykit.metrics"] = metrics
+
+    from deploykit.serve.routes import bp as rest
+    from deploykit.serve.v2 import bp as v2
+
+    app.register_blueprint(rest)
+    app.register_blueprint(v2)
+    _install_hooks(app, config, metrics, registry)
+    _install_error_handlers(app)
+
+    @app.get("/")
+    def index() -> Response:
+        if (STATIC_DIR / "index.html").is_file():
+            return send_from_directory(STATIC_DIR, "index.html", max_age=0)
+        return Response(PLACEHOLDER_PAGE, mimetype="text/html")
+
+    @app.get("/static/<path:filename>")
+    def static(filename: str) -> Response:
+        return send_from_directory(STATIC_DIR, filename)
+
+    @app.get("/metrics", endpoint="metrics")
+    def metrics_view() -> Response:
+        from deploykit.serve.metrics import CONTENT_TYPE
+
+        return Response(metrics.render(), mimetype=None, content_type=CONTENT_TYPE)
+
+    registry.load(background=config.load_in_background)
+    return app
+
+
+def _install_hooks(app: Flask, config: ServeConfig, metrics: Metrics, registry: Registry) -> None:
+    api_keys = [config.api_key.encode()] if config.api_key else []
+    cors = set(config.cors_origins)
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.start = time.perf_counter()
+        metrics.in_flight.inc()
+        g.counted = True
+        if api_keys and request.endpoint not in OPEN_ENDPOINTS and request.method != "OPTIONS":
+            given = _presented_key()
+            # compare_digest on every configured key: constant time in the key's content
+            if given is None or not any(hmac.compare_digest(given.encode(), key) for key in api_keys):
+                what = "Missing" if given is None else "Invalid"
+                return error_response(
+                    f"{what} API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
+                    401,
+                    {"WWW-Authenticate": 'Bearer realm="deploykit"'},
+                )
+        return None
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        name = (request.view_args or {}).get("name")
+        if name is None and request.endpoint == "rest.predict":
+            name = registry.default.name
+        model = name if name in registry.entries else ""
+        metrics.requests.labels(model, rule, request.method, str(response.status_code)).inc()
+        if "start" in g:
+            metrics.latency.labels(model, rule).observe(time.perf_counter() - g.start)
+        if cors:
+            origin = request.headers.get("Origin")
+            if origin and ("*" in cors or origin in cors):
+                response.headers["Access-Control-Allow-Origin"] = "*" if "*" in cors else origin
+                response.headers["Vary"] = "Origin"
+                response.headers["Access-Control-Allow-Headers"] = (
+                    "Authorization, X-API-Key, Content-Type, Inference-Header-Content-Length"
+                )
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+                response.headers["Access-Control-Expose-Headers"] = (
+                    "Inference-Header-Content-Length, Retry-After"
+                )
+        return response
+
+    @app.teardown_request
+    def _teardown(_exc: BaseException | None) -> None:
+        if g.pop("counted", False):
+            metrics.in_flight.dec()
+
+
+def _presented_key() -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    key = request.headers.get("X-API-Key")
+    return key.strip() if key is not None else None
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> WerkzeugResponse:
+        response = exc.get_response()
+        status = exc.code or 500
+        message = (
+            _HTTP_MESSAGES.get(status) or (exc.description or exc.name or "Error").strip().splitlines()[0]
+        )
+        if status == 405:
+            allowed = ", ".join(
+                sorted(m for m in (getattr(exc, "valid_methods", None) or []) if m != "OPTIONS")
+            )
+            use = allowed or "another method"
+            message = f"Method {request.method} is not allowed on {request.path}; use {use}."
+        if status == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH") or 0
+            message = (
+                f"The request body is larger than the server's limit of {limit / 1048576:g} MB "
+                "(--max-body-mb)."
+            )
+        response.set_data(json.dumps({"error": message}))
+        response.content_type = "application/json"
+        return response
+
+    @app.errorhandler(ServeError)
+    def _serve(exc: ServeError) -> Response:
+        return error_response(exc.message, exc.status, exc.headers)
+
+    @app.errorhandler(InvalidImageError)
+    def _image(exc: InvalidImageError) -> Response:
+        return error_response(exc.message, 415 if exc.unsupported else 400)
+
+    @app.errorhandler(DeployKitError)
+    def _user(exc: DeployKitError) -> Response:
+        return error_response(str(exc), 400)
+
+    @app.errorhandler(Exception)
+    def _bug(exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response("Internal server error; the server log has the details.", 500)
+
+
+_HTTP_MESSAGES = {
+    404: "Not found: see GET /models for the models and /v2 for the Open Inference Protocol.",
+}

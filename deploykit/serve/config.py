@@ -1,0 +1,158 @@
+"""Server configuration: the frozen ``ServeConfig`` and MODEL spec parsing (files, folders, ``name=path``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from deploykit.errors import ModelNotFoundError, UsageError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: the URL name and the ONNX file."""
+
+    name: str
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path)}
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.path}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the server needs; built by the CLI or by code, never from Typer objects.
+
+    ``models`` are served in order, the first is the default for ``POST /predict``. ``request_timeout`` and
+    ``graceful_timeout`` are seconds. ``intra_op_threads`` None picks a value for the machine.
+    ``load_in_background`` makes ``create_app`` return at once (liveness answers while models load).
+    """
+
+    models: tuple[ModelSpec, ...]
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 1
+    threads: int = 8
+    max_batch_size: int = 8
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 64
+    request_timeout: float = 30.0
+    max_body_mb: float = 20.0
+    graceful_timeout: float = 30.0
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    intra_op_threads: int | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    self_test: bool = True
+    dev: bool = False
+    log_level: str = "info"
+    max_image_pixels: int = 40_000_000
+    load_in_background: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (not self.models, "no models to serve"),
+            (self.workers < 1, f"--workers must be at least 1, got {self.workers}"),
+            (self.threads < 1, f"--threads must be at least 1, got {self.threads}"),
+            (self.max_batch_size < 1, f"--max-batch-size must be at least 1, got {self.max_batch_size}"),
+            (
+                self.max_batch_delay_ms < 0,
+                f"--max-batch-delay-ms must be >= 0, got {self.max_batch_delay_ms}",
+            ),
+            (self.max_queue < 1, f"--max-queue must be at least 1, got {self.max_queue}"),
+            (self.request_timeout <= 0, f"--request-timeout must be positive, got {self.request_timeout}"),
+            (self.max_body_mb <= 0, f"--max-body-mb must be positive, got {self.max_body_mb}"),
+            (self.graceful_timeout < 0, f"--graceful-timeout must be >= 0, got {self.graceful_timeout}"),
+            (not 0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}"),
+            (
+                self.intra_op_threads is not None and self.intra_op_threads < 1,
+                f"--intra-op-threads must be at least 1, got {self.intra_op_threads}",
+            ),
+            (self.api_key is not None and not self.api_key.strip(), "--api-key must not be empty"),
+        ]
+        for failed, message in checks:
+            if failed:
+                raise UsageError(message + ".")
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise UsageError(
+                f"Two models are named {', '.join(duplicates)}.",
+                hint="Rename one with name=path, e.g. other=path/to/model.onnx.",
+            )
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0].name
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "api_key"}
+        data["models"] = [m.to_dict() for m in self.models]
+        data["api_key"] = "***" if self.api_key else None
+        return data
+
+
+def _check_name(name: str, spec: str) -> str:
+    if not _NAME.match(name):
+        raise UsageError(
+            f"Invalid model name {name!r} in {spec!r}: use letters, digits, '_', '-' and '.'.",
+            hint="For example: deploykit serve mymodel=model.onnx",
+        )
+    return name
+
+
+def parse_model_specs(specs: Sequence[str], *, cwd: str | Path | None = None) -> tuple[ModelSpec, ...]:
+    """Turn MODEL arguments into named ONNX files.
+
+    Each spec is an ``.onnx`` file, a folder (every ``*.onnx`` in it), or ``name=path`` to rename a file.
+    With no spec, every ``*.onnx`` file in ``cwd`` is served. Raises ``ModelNotFoundError`` when a file is
+    missing or nothing is found.
+    """
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if not specs:
+        found = sorted(base.glob("*.onnx"))
+        if not found:
+            raise ModelNotFoundError(
+                f"No .onnx files in {str(base)!r} and no MODEL given.",
+                hint="Export one with `deploykit export resnet18`, or pass one: deploykit serve model.onnx",
+            )
+        return tuple(ModelSpec(_check_name(p.stem, p.name), p.resolve()) for p in found)
+    result: list[ModelSpec] = []
+    for spec in specs:
+        name: str | None = None
+        raw = spec
+        if "=" in spec and not Path(spec).exists():
+            name, raw = spec.split("=", 1)
+            name = _check_name(name.strip(), spec)
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = base / path
+        if path.is_dir():
+            if name is not None:
+                raise UsageError(f"{spec!r}: name=path needs a file, {raw!r} is a folder.")
+            found = sorted(path.glob("*.onnx"))
+            if not found:
+                raise ModelNotFoundError(
+                    f"No .onnx files in folder {raw!r}.", hint="Export one with `deploykit export`."
+                )
+            result.extend(ModelSpec(_check_name(p.stem, p.name), p.resolve()) for p in found)
+            continue
+        if not path.is_file():
+            raise ModelNotFoundError(f"Model file {raw!r} does not exist.", hint="Check the path.")
+        result.append(ModelSpec(name or _check_name(path.stem, raw), path.resolve()))
+    return tuple(result)

@@ -1,0 +1,108 @@
+"""Prometheus metrics of one app: a per-app registry, or multiprocess mode under several gunicorn workers.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (the runner sets it to a temporary folder when ``--workers`` > 1,
+before any worker imports prometheus_client), every worker writes its values to files there and
+``/metrics`` aggregates them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+__all__ = ["CONTENT_TYPE", "Metrics", "multiprocess_enabled"]
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Metrics:
+    """The server's series. Names are prefixed ``deploykit_``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "deploykit_requests",
+            "HTTP requests by model, route and status.",
+            ["model", "route", "method", "status"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            "deploykit_request_duration_seconds",
+            "Request latency (whole request).",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.queue_time = Histogram(
+            "deploykit_queue_duration_seconds",
+            "Time requests waited in the batch queue.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.inference_time = Histogram(
+            "deploykit_inference_duration_seconds",
+            "ONNX Runtime time per batch call.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "deploykit_batch_size",
+            "Rows per ONNX Runtime call.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            "deploykit_requests_in_flight",
+            "Requests being handled.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.model_ready = Gauge(
+            "deploykit_model_ready",
+            "1 when the model is loaded and passed its self-test.",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+
+    def observe_batch(self, model: str, rows: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(rows)
+        self.inference_time.labels(model).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every series (of all workers in multiprocess mode)."""
+        if multiprocess_enabled():
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

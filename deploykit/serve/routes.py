@@ -1,0 +1,174 @@
+"""The deploykit REST API: ``POST /predict``, ``POST /models/<name>/predict``, ``GET /models[/<name>]``.
+
+Images are decoded and preprocessed in the request thread (images.py, the one implementation); the tensor
+goes through the model's batcher. Answers follow the contract in the brief.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, current_app, request
+
+from deploykit.images import decode_image, preprocess
+from deploykit.runtime import top_k
+from deploykit.serve.app import json_response, registry_of
+from deploykit.serve.batching import ServeError
+from deploykit.serve.config import ServeConfig
+from deploykit.serve.registry import ModelEntry
+
+bp = Blueprint("rest", __name__)
+
+DEFAULT_TOP_K = 5
+
+
+def ready_entry(name: str | None) -> ModelEntry:
+    """The named (or default) model, ready to run; 404 when unknown, 503 while not ready."""
+    registry = registry_of(current_app)
+    entry = registry.default if name is None else registry.get(name)
+    if entry is None:
+        raise ServeError(
+            f"Unknown model {name!r}; this server has {', '.join(registry.entries)}. See GET /models.",
+            status=404,
+        )
+    if not registry.loaded.is_set():
+        # a worker that is still loading (at start-up, or restarted by gunicorn): wait for it rather than
+        # refuse, since the other workers may already have answered the load balancer's readiness probe
+        registry.loaded.wait(registry.config.request_timeout)
+    if not entry.ready or entry.batcher is None or entry.predictor is None:
+        reason = entry.error or "it is still loading"
+        raise ServeError(
+            f"Model {entry.name!r} is not ready: {reason}", status=503, headers={"Retry-After": "5"}
+        )
+    return entry
+
+
+def _config() -> ServeConfig:
+    config: ServeConfig = current_app.extensions["deploykit.config"]
+    return config
+
+
+def _top_k_param(num_classes: int) -> int:
+    raw = request.args.get("top_k")
+    if raw is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ServeError(f"top_k must be an integer, got {raw!r}.") from None
+    return max(1, min(k, num_classes))
+
+
+def _b64(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ServeError(f"{where} must be a base64 string.")
+    if text.startswith("data:") and "," in text:  # a data URL, as browsers produce
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServeError(f"{where} is not valid base64.") from None
+
+
+def read_images() -> list[tuple[str | None, bytes]]:
+    """The request's images as (filename, bytes): multipart files, JSON base64 or a raw body."""
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        files = [(f.filename or None, f.read()) for _field, f in request.files.items(multi=True)]
+        if not files:
+            raise ServeError("The multipart form has no file; send the image in the 'file' field.")
+        return files
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        data = request.get_json(silent=True)
+        if isinstance(data, dict) and "image" in data:
+            return [(None, _b64(data["image"], "'image'"))]
+        if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"]:
+            return [(None, _b64(item, f"'images'[{i}]")) for i, item in enumerate(data["images"])]
+        raise ServeError('The JSON body needs {"image": "<base64>"} or {"images": ["<base64>", ...]}.')
+    body = request.get_data(cache=False)
+    if not body:
+        raise ServeError(
+            "The request has no image: send a multipart 'file', a raw image body "
+            '(Content-Type: image/jpeg) or JSON {"image": "<base64>"}.'
+        )
+    return [(None, body)]
+
+
+def predict_entry(entry: ModelEntry) -> Response:
+    """Decode, batch, run and answer top-k for every image of the request."""
+    start = time.perf_counter()
+    predictor = entry.predictor
+    batcher = entry.batcher
+    assert predictor is not None
+    assert batcher is not None
+    card = predictor.card
+    config = _config()
+    k = _top_k_param(card.num_classes)
+    with batcher.incoming() as ticket:
+        uploads = read_images()
+        pp = card.preprocess
+        tensors = [
+            preprocess(decode_image(data, max_pixels=config.max_image_pixels), pp) for _n, data in uploads
+        ]
+        batch = tensors[0][None] if len(tensors) == 1 else np.stack(tensors)
+        decoded = time.perf_counter()
+        result = batcher.submit(batch, config.request_timeout, ticket)
+    metrics = current_app.extensions["deploykit.metrics"]
+    metrics.queue_time.labels(entry.name).observe(result.queue_s)
+    probabilities = predictor.to_probabilities(result.outputs[0])
+    predictions = []
+    for (filename, _data), row in zip(uploads, top_k(probabilities, k, card.labels), strict=True):
+        best = row[0]
+        predictions.append(
+            {
+                "filename": filename,
+                "label": best.label,
+                "index": best.index,
+                "probability": best.probability,
+                "top_k": [p.to_dict() for p in row],
+            }
+        )
+    end = time.perf_counter()
+    return json_response(
+        {
+            "model": entry.name,
+            "predictions": predictions,
+            "timings_ms": {
+                "decode": round((decoded - start) * 1000, 3),
+                "queue": round(result.queue_s * 1000, 3),
+                "inference": round(result.inference_s * 1000, 3),
+                "total": round((end - start) * 1000, 3),
+            },
+        }
+    )
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    return predict_entry(ready_entry(None))
+
+
+@bp.post("/models/<name>/predict")
+def predict_model(name: str) -> Response:
+    return predict_entry(ready_entry(name))
+
+
+@bp.get("/models")
+def models() -> Response:
+    registry = registry_of(current_app)
+    return json_response({"models": [e.describe() for e in registry.entries.values()]})
+
+
+@bp.get("/models/<name>")
+def model(name: str) -> Response:
+    registry = registry_of(current_app)
+    entry = registry.get(name)
+    if entry is None:
+        raise ServeError(
+            f"Unknown model {name!r}; this server has {', '.join(registry.entries)}.", status=404
+        )
+    return json_response(entry.describe())

@@ -1,0 +1,190 @@
+"""Run the app: gunicorn (gthread workers) in production, Flask's development server with ``--dev``.
+
+Models are loaded in each worker after the fork (ONNX Runtime sessions and threads do not survive a fork),
+never in the master. On SIGTERM the master closes the listening socket and tells the workers to stop; each
+worker reports not-ready at once, finishes the requests it accepted (bounded by ``graceful_timeout``) and
+exits, and the master exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from deploykit.serve.config import ServeConfig
+
+log = logging.getLogger("deploykit.serve")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+    )
+
+
+def run_server(config: ServeConfig, *, announce: Callable[[str], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code (0 after a graceful stop).
+
+    ``announce`` receives the "Serving ... on http://..." line once the model files are checked.
+    Raises ``ModelFileError`` before binding when a file is not an ONNX model with a card.
+    """
+    configure_logging(config.log_level)
+    check_models(config)
+    if announce is not None:
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        names = ", ".join(m.name for m in config.models)
+        announce(f"Serving {names} on http://{host}:{config.port}")
+    if config.dev:
+        return _run_dev(config)
+    return _run_gunicorn(config)
+
+
+def check_models(config: ServeConfig) -> None:
+    """Fail fast, before binding, on a file that is not an ONNX model with a deploykit card, or a provider
+    that this onnxruntime does not have.
+
+    The cards are read in a short-lived forked child: parsing a large protobuf in the master would leave
+    its memory in the master's heap, and every worker forked from it would carry that copy.
+    """
+    from deploykit.errors import DeployKitError, ExitCode, ModelFileError
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the first problem, if any, and leave without running atexit handlers
+        os.close(read_fd)
+        message = b""
+        try:
+            from deploykit.card import read_card
+            from deploykit.runtime import resolve_providers
+
+            resolve_providers(config.providers)
+            for spec in config.models:
+                read_card(spec.path)
+        except DeployKitError as exc:
+            message = f"{int(exc.exit_code)} {exc}".encode()
+        except BaseException as exc:  # report, never let the child continue into the server
+            message = f"1 Cannot read the model card: {type(exc).__name__}: {exc}".encode()
+        os.write(write_fd, message)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    if message:
+        code, _, text = message.decode(errors="replace").partition(" ")
+        error = ModelFileError(text)
+        error.exit_code = ExitCode(int(code))  # keep the child's exit code (2 for a usage error)
+        raise error
+
+
+def _run_dev(config: ServeConfig) -> int:
+    from deploykit.serve.app import create_app, registry_of
+
+    app = create_app(config.replace(load_in_background=True))
+
+    def _stop(_sig: int, _frame: Any) -> None:
+        registry_of(app).draining = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        app.run(host=config.host, port=config.port, threaded=True, use_reloader=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        registry_of(app).close()
+    return 0
+
+
+def _worker_class() -> type:
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class DeployKitWorker(ThreadWorker):
+        """gthread worker that reports not-ready as soon as it is told to stop."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            registry = getattr(self.wsgi, "extensions", {}).get("deploykit")
+            if registry is not None:
+                registry.draining = True
+            super().handle_exit(sig, frame)
+
+        def set_accept_enabled(self, enabled: bool) -> None:
+            super().set_accept_enabled(enabled)
+            if not enabled and not self.alive:
+                # Stopping: close our copies of the listening sockets now (the master closed its own), so
+                # that new connections are refused at once instead of waiting in the backlog until we exit.
+                for listener in self.sockets:
+                    listener.close()
+
+    return DeployKitWorker
+
+
+def _run_gunicorn(config: ServeConfig) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    multiproc_dir: str | None = None
+    if config.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # must be set before any worker imports prometheus_client
+        multiproc_dir = tempfile.mkdtemp(prefix="deploykit-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)
+
+    def worker_exit(_server: Any, worker: Any) -> None:
+        registry = getattr(worker.wsgi, "extensions", {}).get("deploykit")
+        if registry is not None:
+            registry.close()
+
+    options: dict[str, Any] = {
+        "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
+        "workers": config.workers,
+        "threads": config.threads,
+        "worker_class": _worker_class(),
+        "graceful_timeout": math.ceil(config.graceful_timeout),
+        # the heartbeat timeout must outlast model loading and the longest request
+        "timeout": max(120, int(config.request_timeout * 2)),
+        "keepalive": 5,
+        "loglevel": config.log_level,
+        "accesslog": None,
+        "errorlog": "-",
+        "preload_app": False,
+        "proc_name": "deploykit-serve",
+        "child_exit": child_exit,
+        "worker_exit": worker_exit,
+        "limit_request_line": 8190,
+        "control_socket_disable": True,  # gunicorn 23+ would share one socket in $HOME between servers
+    }
+
+    class Application(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            # runs in each worker after the fork: models load here, never in the master
+            from deploykit.serve.app import create_app
+
+            configure_logging(config.log_level)
+            return create_app(config.replace(load_in_background=True))
+
+    try:
+        Application().run()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+    return 0

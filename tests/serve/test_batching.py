@@ -1,0 +1,111 @@
+"""The dynamic batcher with a real ONNX Runtime session: grouping, bounded queue, timeouts, static batches."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploykit.runtime import Predictor
+from deploykit.serve.batching import Batcher, QueueFull, RequestTimeout
+
+
+@pytest.fixture(scope="module")
+def predictor(shapes_onnx: Path) -> Predictor:
+    return Predictor.open(shapes_onnx)
+
+
+def _inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 64, 64), dtype=np.float32)
+
+
+def test_concurrent_requests_share_a_call_and_get_their_own_rows(predictor: Predictor) -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        gate.wait(5)  # hold the first call so that the others queue up behind it
+        calls.append(batch.shape[0])
+        return predictor.run(batch)
+
+    batcher = Batcher(run, name="shapes", max_batch_size=8, max_delay=0.05, max_queue=64)
+    arrays = [_inputs(1, seed) for seed in range(7)]
+    with ThreadPoolExecutor(7) as pool:
+        futures = [pool.submit(batcher.submit, a, 10.0) for a in arrays]
+        while batcher.queued < 6:
+            threading.Event().wait(0.01)
+        gate.set()
+        results = [f.result() for f in futures]
+    batcher.close()
+    assert sum(calls) == 7
+    assert max(calls) > 1
+    for array, result in zip(arrays, results, strict=True):
+        np.testing.assert_allclose(result.outputs[0], predictor.run(array)[0], rtol=1e-4, atol=1e-4)
+        assert result.batch_rows >= 1
+
+
+def test_full_queue_raises_at_once(predictor: Predictor) -> None:
+    gate = threading.Event()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        gate.wait(5)
+        return predictor.run(batch)
+
+    batcher = Batcher(run, name="shapes", max_batch_size=1, max_delay=0, max_queue=1)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(batcher.submit, _inputs(1), 10.0)
+        while batcher.queued:  # wait until the batcher took the first one
+            threading.Event().wait(0.01)
+        queued = pool.submit(batcher.submit, _inputs(1), 10.0)
+        while not batcher.queued:
+            threading.Event().wait(0.01)
+        with pytest.raises(QueueFull) as info:
+            batcher.submit(_inputs(1), 10.0)
+        assert info.value.status == 503
+        assert info.value.headers["Retry-After"]
+        gate.set()
+        assert running.result().outputs[0].shape == (1, 6)
+        assert queued.result().outputs[0].shape == (1, 6)
+    batcher.close()
+
+
+def test_timeout(predictor: Predictor) -> None:
+    gate = threading.Event()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        gate.wait(5)
+        return predictor.run(batch)
+
+    batcher = Batcher(run, name="shapes", max_batch_size=1, max_delay=0, max_queue=4)
+    with pytest.raises(RequestTimeout) as info:
+        batcher.submit(_inputs(1), 0.05)
+    assert info.value.status == 504
+    gate.set()
+    assert batcher.submit(_inputs(1), 5.0).outputs[0].shape == (1, 6)
+    batcher.close()
+
+
+def test_static_batch_model_is_split_and_padded(predictor: Predictor) -> None:
+    seen: list[int] = []
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        seen.append(batch.shape[0])
+        return predictor.run(batch)
+
+    batcher = Batcher(run, name="shapes", max_batch_size=8, max_delay=0, max_queue=4, static_batch=2)
+    array = _inputs(3)
+    result = batcher.submit(array, 5.0)
+    batcher.close()
+    assert seen == [2, 2]
+    np.testing.assert_allclose(result.outputs[0], predictor.run(array)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_inference_error_reaches_the_caller(predictor: Predictor) -> None:
+    batcher = Batcher(predictor.run, name="shapes", max_batch_size=4, max_delay=0, max_queue=4)
+    with pytest.raises(Exception, match="input"):
+        batcher.submit(np.zeros((1, 3, 5, 5), dtype=np.float32), 5.0)
+    assert batcher.submit(_inputs(1), 5.0).outputs[0].shape == (1, 6)
+    batcher.close()

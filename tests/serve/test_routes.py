@@ -1,0 +1,374 @@
+"""The deploykit REST API in-process, with create_app(...).test_client() and real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from deploykit.errors import ModelNotFoundError, UsageError
+from deploykit.serve.app import create_app, registry_of
+from deploykit.serve.config import ModelSpec, ServeConfig, parse_model_specs
+from tests.serve.helpers import label_of, png_bomb, variants
+
+
+def make_app(*specs: tuple[str, Path], **options: object) -> Flask:
+    return create_app(ServeConfig(models=tuple(ModelSpec(n, p) for n, p in specs), **options))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def app(shapes_onnx: Path, resnet18_onnx: Path) -> Flask:
+    return make_app(("shapes", shapes_onnx), ("resnet18", resnet18_onnx), max_body_mb=2)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def image_bytes(shapes_images: list[Path]) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in shapes_images}
+
+
+def test_multipart_single_file_predicts_the_label(client: FlaskClient, shapes_images: list[Path]) -> None:
+    for path in shapes_images:
+        with path.open("rb") as fh:
+            r = client.post("/predict", data={"file": (fh, path.name)}, content_type="multipart/form-data")
+        assert r.status_code == 200, r.json
+        body = r.json
+        assert body["model"] == "shapes"
+        [pred] = body["predictions"]
+        assert pred["filename"] == path.name
+        assert pred["label"] == label_of(path), (path.name, pred)
+        assert pred["top_k"][0] == {
+            "label": pred["label"],
+            "index": pred["index"],
+            "probability": pred["probability"],
+        }
+        assert len(pred["top_k"]) == 5
+        assert set(body["timings_ms"]) == {"decode", "queue", "inference", "total"}
+
+
+def test_several_files_are_one_batch_in_order(client: FlaskClient, shapes_images: list[Path]) -> None:
+    data = {
+        "file": [(io.BytesIO(p.read_bytes()), p.name) for p in shapes_images[:3]],
+        "other_field": (io.BytesIO(shapes_images[3].read_bytes()), shapes_images[3].name),
+    }
+    r = client.post("/models/shapes/predict", data=data, content_type="multipart/form-data")
+    assert r.status_code == 200, r.json
+    names = [p["filename"] for p in r.json["predictions"]]
+    assert names == [p.name for p in shapes_images[:4]]
+    assert [p["label"] for p in r.json["predictions"]] == [label_of(p) for p in shapes_images[:4]]
+
+
+def test_raw_body_and_json_base64(client: FlaskClient, shapes_images: list[Path]) -> None:
+    path = shapes_images[0]
+    data = path.read_bytes()
+    raw = client.post("/predict", data=data, content_type="image/jpeg")
+    octet = client.post("/predict", data=data, content_type="application/octet-stream")
+    single = client.post("/predict", json={"image": base64.b64encode(data).decode()})
+    url = client.post("/predict", json={"image": "data:image/jpeg;base64," + base64.b64encode(data).decode()})
+    many = client.post(
+        "/predict", json={"images": [base64.b64encode(p.read_bytes()).decode() for p in shapes_images[:2]]}
+    )
+    for r in (raw, octet, single, url, many):
+        assert r.status_code == 200, r.json
+        assert r.json["predictions"][0]["label"] == label_of(path)
+        assert r.json["predictions"][0]["filename"] is None
+    assert raw.json["predictions"][0]["probability"] == pytest.approx(
+        single.json["predictions"][0]["probability"]
+    )
+    assert [p["label"] for p in many.json["predictions"]] == [label_of(p) for p in shapes_images[:2]]
+
+
+def test_top_k_is_clamped_and_probabilities_sum_to_one(
+    client: FlaskClient, shapes_images: list[Path]
+) -> None:
+    data = shapes_images[0].read_bytes()
+    every = client.post("/predict?top_k=100", data=data, content_type="image/jpeg").json["predictions"][0][
+        "top_k"
+    ]
+    assert len(every) == 6
+    assert sum(p["probability"] for p in every) == pytest.approx(1.0, abs=1e-5)
+    assert [p["probability"] for p in every] == sorted((p["probability"] for p in every), reverse=True)
+    one = client.post("/predict?top_k=0", data=data, content_type="image/jpeg").json["predictions"][0][
+        "top_k"
+    ]
+    assert len(one) == 1
+    bad = client.post("/predict?top_k=abc", data=data, content_type="image/jpeg")
+    assert bad.status_code == 400
+    assert "top_k" in bad.json["error"]
+
+
+def test_second_model_by_name(client: FlaskClient, shapes_images: list[Path]) -> None:
+    r = client.post(
+        "/models/resnet18/predict?top_k=3", data=shapes_images[0].read_bytes(), content_type="image/jpeg"
+    )
+    assert r.status_code == 200
+    assert r.json["model"] == "resnet18"
+    assert len(r.json["predictions"][0]["top_k"]) == 3
+
+
+def test_image_variants_are_handled(client: FlaskClient, shapes_images: list[Path]) -> None:
+    from PIL import Image
+
+    path = next(p for p in shapes_images if label_of(p) == "heart")
+    for name, data in variants(Image.open(path)).items():
+        r = client.post(
+            "/predict", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data"
+        )
+        assert r.status_code == 200, (name, r.json)
+        if name in ("rgba.png", "cmyk.jpg", "palette.png"):  # colour kept: the shape is still recognised
+            assert r.json["predictions"][0]["label"] == "heart", name
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (b"", "image/jpeg", 400, "no image"),
+        (b"hello, this is text", "image/jpeg", 415, "not an image"),
+        (png_bomb(), "image/png", 400, "decompression bomb"),
+        (png_bomb(8000, 8000), "image/png", 400, "decompression bomb"),
+        (b'{"img": 1}', "application/json", 400, '{"image"'),
+        (b'{"image": "***"}', "application/json", 400, "base64"),
+        (b"x" * (3 * 1024 * 1024), "image/jpeg", 413, "--max-body-mb"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_a_reason(
+    client: FlaskClient, body: bytes, content_type: str, status: int, words: str
+) -> None:
+    r = client.post("/predict", data=body, content_type=content_type)
+    assert r.status_code == status, r.json
+    assert words in r.json["error"]
+    assert r.content_type == "application/json"
+
+
+def test_truncated_jpeg(client: FlaskClient, shapes_images: list[Path]) -> None:
+    data = shapes_images[0].read_bytes()
+    r = client.post("/predict", data=data[: len(data) // 2], content_type="image/jpeg")
+    assert r.status_code == 400
+    assert "truncated" in r.json["error"]
+
+
+def test_multipart_without_file(client: FlaskClient) -> None:
+    r = client.post("/predict", data={"text": "no file"}, content_type="multipart/form-data")
+    assert r.status_code == 400
+    assert "'file'" in r.json["error"]
+
+
+def test_unknown_model_wrong_method_and_path(client: FlaskClient) -> None:
+    r = client.post("/models/nope/predict", data=b"x", content_type="image/jpeg")
+    assert r.status_code == 404
+    assert "'nope'" in r.json["error"]
+    assert "shapes" in r.json["error"]
+    r = client.get("/predict")
+    assert r.status_code == 405
+    assert "POST" in r.json["error"]
+    assert "POST" in r.headers["Allow"]
+    r = client.get("/no/such/path")
+    assert r.status_code == 404
+    assert r.json["error"]
+
+
+def test_models_and_model_cards(client: FlaskClient) -> None:
+    r = client.get("/models")
+    assert r.status_code == 200
+    models = r.json["models"]
+    assert [m["name"] for m in models] == ["shapes", "resnet18"]
+    assert [m["default"] for m in models] == [True, False]
+    assert all(m["ready"] for m in models)
+    assert models[0]["card"]["labels"] == ["circle", "square", "triangle", "star", "cross", "heart"]
+    one = client.get("/models/resnet18").json
+    assert one["name"] == "resnet18"
+    assert one["default"] is False
+    assert one["card"]["preprocess"]["crop"] == 224
+    assert client.get("/models/nope").status_code == 404
+
+
+def test_index_page_and_health(client: FlaskClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.content_type.startswith("text/html")
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_internal_error_is_a_generic_json_500(shapes_onnx: Path, caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app(("shapes", shapes_onnx))
+
+    def boom() -> str:
+        raise RuntimeError("secret detail in /home/user/private.py")
+
+    app.add_url_rule("/boom", "boom", boom)
+    r = app.test_client().get("/boom")
+    assert r.status_code == 500
+    assert r.json == {"error": "Internal server error; the server log has the details."}
+    assert "secret" not in r.get_data(as_text=True)
+    assert "secret detail" in caplog.text
+
+
+def test_api_key(shapes_onnx: Path, shapes_images: list[Path]) -> None:
+    client = make_app(("shapes", shapes_onnx), api_key="s3cret").test_client()
+    data = shapes_images[0].read_bytes()
+    missing = client.post("/predict", data=data, content_type="image/jpeg")
+    assert missing.status_code == 401
+    assert "API key" in missing.json["error"]
+    wrong = client.post("/predict", data=data, content_type="image/jpeg", headers={"X-API-Key": "nope"})
+    assert wrong.status_code == 401
+    assert client.get("/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v2/models/shapes").status_code == 401
+    ok = client.post(
+        "/predict", data=data, content_type="image/jpeg", headers={"Authorization": "Bearer s3cret"}
+    )
+    assert ok.status_code == 200
+    assert client.get("/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+    for open_path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/"):
+        assert client.get(open_path).status_code == 200, open_path
+
+
+def test_cors_only_when_configured(shapes_onnx: Path) -> None:
+    plain = make_app(("shapes", shapes_onnx)).test_client()
+    assert (
+        "Access-Control-Allow-Origin"
+        not in plain.get("/models", headers={"Origin": "https://a.example"}).headers
+    )
+    cors = make_app(("shapes", shapes_onnx), cors_origins=("https://a.example",)).test_client()
+    allowed = cors.get("/models", headers={"Origin": "https://a.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    other = cors.get("/models", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    preflight = cors.options(
+        "/predict", headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 200
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+
+
+def _tampered_copy(source: Path, target: Path) -> Path:
+    """The model with its card's fingerprint values shifted, so the self-test must fail."""
+    import onnx
+
+    from deploykit.card import card_from_metadata, write_card
+
+    model = onnx.load(str(source))
+    card = card_from_metadata({p.key: p.value for p in model.metadata_props})
+    assert card.fingerprint is not None
+    fp = card.fingerprint
+    bad = card.replace(fingerprint=type(fp)(**{**fp.__dict__, "values": tuple(v + 1.0 for v in fp.values)}))
+    write_card(model, bad)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_failed_self_test_is_not_ready(
+    shapes_onnx: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, shapes_images: list[Path]
+) -> None:
+    bad = _tampered_copy(shapes_onnx, tmp_path / "bad.onnx")
+    client = make_app(("bad", bad)).test_client()
+    ready = client.get("/v2/health/ready")
+    assert ready.status_code == 503
+    assert "fingerprint self-test failed" in ready.json["error"]
+    assert "fingerprint self-test failed" in caplog.text
+    assert client.get("/models/bad").json["ready"] is False
+    refused = client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
+    assert refused.status_code == 503
+    assert "Retry-After" in refused.headers
+    skipped = make_app(("bad", bad), self_test=False).test_client()
+    assert skipped.get("/v2/health/ready").status_code == 200
+
+
+def test_metrics_after_traffic(client: FlaskClient, shapes_images: list[Path]) -> None:
+    client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
+    text = client.get("/metrics").get_data(as_text=True)
+    for series in (
+        "deploykit_requests_total",
+        "deploykit_request_duration_seconds_bucket",
+        "deploykit_queue_duration_seconds_bucket",
+        "deploykit_batch_size_bucket",
+        "deploykit_inference_duration_seconds_bucket",
+        "deploykit_requests_in_flight",
+    ):
+        assert series in text, series
+    assert 'deploykit_requests_total{method="POST",model="shapes",route="/predict",status="200"}' in text
+
+
+def test_draining_reports_not_ready(app: Flask, client: FlaskClient) -> None:
+    registry = registry_of(app)
+    registry.draining = True
+    try:
+        r = client.get("/v2/health/ready")
+        assert r.status_code == 503
+        assert "shutting down" in r.json["error"]
+    finally:
+        registry.draining = False
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+
+def test_model_specs(tmp_path: Path, shapes_onnx: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="No .onnx files"):
+        parse_model_specs([], cwd=tmp_path)
+    (tmp_path / "a.onnx").write_bytes(shapes_onnx.read_bytes())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.onnx").write_bytes(shapes_onnx.read_bytes())
+    assert [s.name for s in parse_model_specs([], cwd=tmp_path)] == ["a"]
+    specs = parse_model_specs(["a.onnx", "other=a.onnx", "sub"], cwd=tmp_path)
+    assert [(s.name, s.path.name) for s in specs] == [("a", "a.onnx"), ("other", "a.onnx"), ("b", "b.onnx")]
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        parse_model_specs(["missing.onnx"], cwd=tmp_path)
+    with pytest.raises(UsageError, match="Two models are named a"):
+        ServeConfig(models=parse_model_specs(["a.onnx", "a.onnx"], cwd=tmp_path))
+    with pytest.raises(UsageError, match="max-queue"):
+        ServeConfig(models=specs, max_queue=0)
+
+
+def test_several_models_share_nothing_but_the_app(app: Flask) -> None:
+    registry = registry_of(app)
+    shapes, resnet = registry.entries["shapes"], registry.entries["resnet18"]
+    assert shapes.batcher is not resnet.batcher
+    assert np.asarray(shapes.card.labels if shapes.card else []).size == 6
+
+
+def test_static_batch_model(tmp_path: Path, shapes_images: list[Path]) -> None:
+    from deploykit.export import export_model
+    from tests.conftest import SHAPES_FACTORY
+
+    path = export_model(SHAPES_FACTORY, output=tmp_path / "static.onnx", static_batch=2).path
+    client = make_app(("static", path)).test_client()
+    assert client.get("/v2/models/static").json["inputs"][0]["shape"] == [2, 3, 64, 64]
+    files = {"file": [(io.BytesIO(p.read_bytes()), p.name) for p in shapes_images[:3]]}
+    r = client.post("/predict", data=files, content_type="multipart/form-data")
+    assert r.status_code == 200, r.json
+    assert [p["label"] for p in r.json["predictions"]] == [label_of(p) for p in shapes_images[:3]]
+    one = client.post(
+        "/v2/models/static/infer",
+        json={
+            "inputs": [{"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.0] * 12288}]
+        },
+    )
+    assert one.status_code == 400
+    assert "[2, 3, 64, 64]" in one.json["error"]
+
+
+def test_background_loading_not_ready_then_requests_wait(
+    resnet18_onnx: Path, shapes_images: list[Path]
+) -> None:
+    app = make_app(("resnet18", resnet18_onnx), load_in_background=True)
+    client = app.test_client()
+    assert not registry_of(app).loaded.is_set()  # resnet18 takes far longer to load than this line
+    assert client.get("/v2/health/live").status_code == 200
+    loading = client.get("/v2/health/ready")
+    assert loading.status_code == 503
+    assert "loading" in loading.json["error"]
+    # a prediction that arrives while the worker loads waits for it instead of failing
+    r = client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
+    assert r.status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200

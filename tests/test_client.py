@@ -1,0 +1,337 @@
+"""PredictClient against a real `deploykit serve` subprocess on loopback, over real HTTP.
+
+Retry and fallback behaviour is checked with a tiny real HTTP server in front of the real one
+(``FrontServer``): it answers scripted statuses first (an overloaded server: 503/429 with Retry-After, or a
+V2 server without the classification extension) and forwards everything else to deploykit, counting
+the requests it sees.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from email.utils import formatdate
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import LiveServer, free_port, run_cli
+
+from deploykit.card import read_card
+from deploykit.client import PredictClient, ServerError, _parse_retry_after
+from deploykit.errors import ConnectionFailedError, ExitCode, RequestError
+from deploykit.images import load_image, preprocess
+
+Rule = Callable[[str, dict[str, str], bytes], "tuple[int, dict[str, str], bytes] | None"]
+FORWARDED_HEADERS = ("Content-Type", "Authorization", "X-API-Key", "Inference-Header-Content-Length")
+
+
+def true_label(path: Path) -> str:
+    return path.name.split("_")[0]
+
+
+class FrontServer:
+    """A threading HTTP server on a free loopback port: ``rule`` may answer a request itself, else it is
+    forwarded to ``upstream``. ``requests`` records (method, path) of everything received."""
+
+    def __init__(self, upstream: str, rule: Rule) -> None:
+        self.requests: list[tuple[str, str]] = []
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the client expects
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                front.requests.append((self.command, self.path))
+                answer = rule(self.path, dict(self.headers.items()), body)
+                if answer is None:
+                    headers = {k: self.headers[k] for k in FORWARDED_HEADERS if self.headers.get(k)}
+                    upstream_answer = requests.request(self.command, upstream + self.path, data=body,
+                                                       headers=headers, timeout=30)
+                    answer = (upstream_answer.status_code,
+                              {k: v for k, v in upstream_answer.headers.items()
+                               if k in ("Content-Type", "Retry-After", "Inference-Header-Content-Length")},
+                              upstream_answer.content)
+                status, headers, payload = answer
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def busy_first(times: int, status: int = 503, retry_after: str = "0") -> Rule:
+    """Answer ``status`` with Retry-After to the first ``times`` prediction requests, then forward."""
+    seen = {"n": 0}
+
+    def rule(path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        if "predict" not in path and "infer" not in path:
+            return None
+        seen["n"] += 1
+        if seen["n"] > times:
+            return None
+        return status, {"Content-Type": "application/json", "Retry-After": retry_after}, \
+            json.dumps({"error": "The server is busy."}).encode()
+
+    return rule
+
+
+@pytest.fixture
+def front_factory() -> Iterator[Callable[[str, Rule], FrontServer]]:
+    servers: list[FrontServer] = []
+
+    def factory(upstream: str, rule: Rule) -> FrontServer:
+        servers.append(FrontServer(upstream, rule))
+        return servers[-1]
+
+    yield factory
+    for server in servers:
+        server.close()
+
+
+def predicted(front: FrontServer) -> int:
+    return sum(1 for _method, path in front.requests if "predict" in path or "infer" in path)
+
+
+# ---- REST
+
+
+def test_predict_bytes_top1_matches_true_label(shapes_server: LiveServer, shapes_images: list[Path]) -> None:
+    with PredictClient(shapes_server.url) as client:
+        for image in shapes_images:
+            answer = client.predict_bytes(image.read_bytes(), image.name, top_k=3)
+            assert answer.model == "shapes"
+            assert answer.filename == image.name
+            assert len(answer.top_k) == 3
+            assert answer.top_k[0].label == true_label(image)
+            probabilities = [p.probability for p in answer.top_k]
+            assert probabilities == sorted(probabilities, reverse=True)
+            assert 0 < probabilities[0] <= 1
+
+
+def test_named_model_and_top_k_clamped(shapes_server: LiveServer, shapes_images: list[Path]) -> None:
+    with PredictClient(shapes_server.url) as client:
+        answer = client.predict_bytes(shapes_images[0].read_bytes(), model="shapes", top_k=50)
+    assert len(answer.top_k) == 6  # clamped to the number of classes by the server
+    assert abs(sum(p.probability for p in answer.top_k) - 1.0) < 1e-4
+
+
+def test_model_card_from_server_equals_file_card(shapes_server: LiveServer, shapes_onnx: Path) -> None:
+    with PredictClient(shapes_server.url + "/") as client:  # a trailing slash is fine
+        assert client.model_card().to_dict() == read_card(shapes_onnx).to_dict()
+        assert client.model_card("shapes").labels == read_card(shapes_onnx).labels
+        assert [m["name"] for m in client.models()] == ["shapes"]
+
+
+def test_unknown_model_is_a_request_error_with_the_servers_message(shapes_server: LiveServer,
+                                                                    shapes_images: list[Path]) -> None:
+    with PredictClient(shapes_server.url) as client, pytest.raises(RequestError) as info:
+        client.predict_bytes(shapes_images[0].read_bytes(), model="no-such-model")
+    assert info.value.status == 404
+    assert "no-such-model" in info.value.message
+    assert info.value.exit_code == ExitCode.ERROR
+
+
+def test_4xx_is_not_retried(shapes_server: LiveServer, shapes_images: list[Path],
+                            front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    front = front_factory(shapes_server.url, lambda path, headers, body: None)
+    with PredictClient(front.url, retries=3) as client, pytest.raises(RequestError) as info:
+        client.predict_bytes(b"not an image at all", "junk.jpg")
+    assert info.value.status in (400, 415)
+    assert "image" in info.value.message.lower()
+    assert predicted(front) == 1
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_busy_answers_are_retried_then_succeed(status: int, shapes_server: LiveServer,
+                                               shapes_images: list[Path],
+                                               front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    front = front_factory(shapes_server.url, busy_first(2, status))
+    with PredictClient(front.url, retries=3) as client:
+        answer = client.predict_bytes(shapes_images[0].read_bytes(), shapes_images[0].name)
+    assert answer.top_k[0].label == true_label(shapes_images[0])
+    assert predicted(front) == 3
+
+
+def test_retries_exhausted_raise_server_error(shapes_server: LiveServer, shapes_images: list[Path],
+                                              front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    front = front_factory(shapes_server.url, busy_first(100))
+    with PredictClient(front.url, retries=2) as client, pytest.raises(ServerError) as info:
+        client.predict_bytes(shapes_images[0].read_bytes())
+    assert info.value.status == 503
+    assert "busy" in info.value.message
+    assert predicted(front) == 3  # the first try and two retries
+
+
+def test_retry_after_parsing_and_backoff_bounds() -> None:
+    assert _parse_retry_after("0") == 0
+    assert _parse_retry_after("2.5") == 2.5
+    assert _parse_retry_after(None) is None
+    assert _parse_retry_after("soon") is None
+    in_a_minute = _parse_retry_after(formatdate(time.time() + 60, usegmt=True))
+    assert in_a_minute is not None
+    assert 55 < in_a_minute <= 60
+    assert _parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0
+
+    client = PredictClient("http://127.0.0.1:9", backoff=0.2, max_backoff=1.0, max_retry_after=5.0)
+    for attempt in range(6):
+        ceiling = min(1.0, 0.2 * 2**attempt)
+        delays = [client._delay(attempt, None) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jitter
+    told = requests.Response()
+    told.headers["Retry-After"] = "3"
+    assert all(3 <= client._delay(0, told) <= 3.1 for _ in range(20))
+    told.headers["Retry-After"] = "3600"
+    assert client._delay(0, told) <= 5.1  # capped: a bad header cannot stall the client for an hour
+
+
+def test_unreachable_server_raises_connection_failed() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with PredictClient(url, retries=1, backoff=0.01) as client, pytest.raises(ConnectionFailedError) as info:
+        client.predict_bytes(b"x")
+    assert not isinstance(info.value, ServerError)
+    assert info.value.exit_code == ExitCode.CONNECTION
+    assert url in info.value.message
+    assert "connection refused" in info.value.message
+    assert "deploykit serve" in str(info.value)
+
+
+def test_api_key_sent_as_bearer(shapes_onnx: Path, shapes_images: list[Path],
+                                live_server_factory: Callable[..., LiveServer]) -> None:
+    server = live_server_factory(str(shapes_onnx), "--api-key", "s3cret-key")
+    image = shapes_images[0].read_bytes()
+    with PredictClient(server.url) as client, pytest.raises(RequestError) as info:
+        client.predict_bytes(image)
+    assert info.value.status == 401
+    assert "--api-key" in str(info.value)
+    with PredictClient(server.url, api_key="wrong") as client, pytest.raises(RequestError):
+        client.predict_bytes(image)
+    with PredictClient(server.url, api_key="s3cret-key") as client:
+        assert client.predict_bytes(image).top_k[0].label == true_label(shapes_images[0])
+        assert client.model_card().name == "shapes"
+
+
+# ---- Open Inference Protocol (V2)
+
+
+def test_v2_matches_rest(shapes_server: LiveServer, shapes_onnx: Path, shapes_images: list[Path]) -> None:
+    card = read_card(shapes_onnx)
+    with PredictClient(shapes_server.url) as client:
+        for image in shapes_images:
+            rest = client.predict_bytes(image.read_bytes(), top_k=3).top_k
+            v2 = client.predict_image_v2(image.read_bytes(), card=card, top_k=3)
+            assert [p.label for p in v2] == [p.label for p in rest]
+            assert [p.index for p in v2] == [p.index for p in rest]
+            # The classification extension sends scores as text with 6 decimals.
+            assert np.allclose([p.probability for p in v2], [p.probability for p in rest], atol=1e-4)
+
+
+def test_v2_batch_json_and_raw_output_paths(shapes_server: LiveServer, shapes_onnx: Path,
+                                            shapes_images: list[Path]) -> None:
+    card = read_card(shapes_onnx)
+    batch = np.stack([preprocess(load_image(p), card.preprocess) for p in shapes_images])
+    with PredictClient(shapes_server.url) as client:
+        classified = client.predict_tensor_v2(batch, card=card, top_k=2)
+        as_json = client.predict_tensor_v2(batch, card=card, top_k=2, binary=False)
+        client._v2_classification = False  # as for a server without the extension: raw logits, top-k here
+        raw = client.predict_tensor_v2(batch, card=card, top_k=2)
+        raw_json = client.predict_tensor_v2(batch, card=card, top_k=2, binary=False)
+    assert [row[0].label for row in classified] == [true_label(p) for p in shapes_images]
+    for other in (as_json, raw, raw_json):
+        assert [[p.index for p in row] for row in other] == [[p.index for p in row] for row in classified]
+        for row, reference in zip(other, classified, strict=True):
+            assert np.allclose([p.probability for p in row], [p.probability for p in reference], atol=1e-4)
+
+
+def test_v2_falls_back_when_the_server_lacks_classification(
+        shapes_server: LiveServer, shapes_onnx: Path, shapes_images: list[Path],
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    def no_classification(path: str, headers: dict[str, str], body: bytes
+                          ) -> tuple[int, dict[str, str], bytes] | None:
+        if path.endswith("/infer") and b'"classification"' in body:
+            return 400, {"Content-Type": "application/json"}, \
+                b'{"error": "unknown output parameter: classification"}'
+        return None
+
+    front = front_factory(shapes_server.url, no_classification)
+    card = read_card(shapes_onnx)
+    with PredictClient(front.url) as client:
+        labels = [client.predict_image_v2(p.read_bytes(), card=card, top_k=1)[0].label for p in shapes_images]
+    assert labels == [true_label(p) for p in shapes_images]
+    # One refused classification request, then plain requests only.
+    assert predicted(front) == len(shapes_images) + 1
+
+
+def test_v2_unknown_model_is_a_request_error(shapes_server: LiveServer, shapes_onnx: Path,
+                                             shapes_images: list[Path]) -> None:
+    card = read_card(shapes_onnx)
+    with PredictClient(shapes_server.url) as client, pytest.raises(RequestError) as info:
+        client.predict_image_v2(shapes_images[0].read_bytes(), card=card, model="missing")
+    assert info.value.status == 404
+
+
+# ---- through the CLI
+
+
+def test_cli_retries_a_server_that_answers_503_first(
+        shapes_server: LiveServer, shapes_images: list[Path],
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    front = front_factory(shapes_server.url, busy_first(2))
+    result = run_cli("predict", str(shapes_images[0]), "--url", front.url, "--retries", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["label"] == true_label(shapes_images[0])
+    assert record["error"] is None
+    assert predicted(front) == 3
+
+
+def test_cli_v2_against_a_server_without_deploykit_routes(
+        shapes_server: LiveServer, shapes_onnx: Path, shapes_images: list[Path],
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    """A plain V2 server (Triton, KServe...) has no /models: the card must come from --card."""
+
+    def v2_only(path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        if path.startswith("/v2/"):
+            return None
+        return 404, {"Content-Type": "application/json"}, b'{"error": "Not Found"}'
+
+    front = front_factory(shapes_server.url, v2_only)
+    images = [str(p) for p in shapes_images[:3]]
+    no_card = run_cli("predict", *images, "--url", front.url, "--protocol", "v2")
+    assert no_card.returncode == 2
+    assert "--card MODEL.onnx" in no_card.stderr
+    before = len(front.requests)
+    with_card = run_cli("predict", *images, "--url", front.url, "--protocol", "v2",
+                        "--card", str(shapes_onnx), "--model", "shapes")
+    assert with_card.returncode == 0, with_card.stderr
+    got = [json.loads(line) for line in with_card.stdout.splitlines()]
+    assert [r["label"] for r in got] == [true_label(Path(p)) for p in images]
+    assert [path for _method, path in front.requests[before:]] == ["/v2/models/shapes/infer"] * 3
+
+
+def test_cli_v2_unknown_model_on_deploykit(shapes_server: LiveServer, shapes_images: list[Path]) -> None:
+    result = run_cli("predict", str(shapes_images[0]), "--url", shapes_server.url, "--protocol", "v2",
+                     "--model", "nope")
+    assert result.returncode == 1
+    assert "Unknown model 'nope'" in result.stderr

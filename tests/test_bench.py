@@ -1,0 +1,122 @@
+"""`deploykit bench` and deploykit.bench: what is measured and how it is reported (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import SHAPES_IMAGES, run_cli
+
+from deploykit.bench import BenchReport, bench_model
+from deploykit.errors import ExitCode, UsageError
+from deploykit.optimize import optimize_model
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def pair(shapes_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(int8, fp32) copies of the example model in a private folder."""
+    folder = tmp_path_factory.mktemp("bench")
+    fp32 = Path(shutil.copy(shapes_onnx, folder / "shapes.onnx"))
+    return optimize_model(fp32, quantize="int8", calibration=SHAPES_IMAGES).path, fp32
+
+
+def test_bench_with_against_and_pytorch_eager(pair: tuple[Path, Path]) -> None:
+    int8, fp32 = pair
+    report = bench_model(int8, against=fp32, batch_sizes=(1, 2), threads=(1,), warmup=1, iterations=6)
+    assert isinstance(report, BenchReport)
+    assert set(report.engines) == {"onnx", "against", "pytorch"}
+    assert "int8" in report.engines["onnx"]
+    assert "fp32" in report.engines["against"]
+    assert len(report.measurements) == 3 * 2
+    for m in report.measurements:
+        assert m.iterations == 6
+        assert 0 < m.p50_ms <= m.p90_ms <= m.p99_ms
+        assert m.throughput > 0
+    assert report.baseline == "against"
+    ratios = report.ratios
+    expected = {("onnx", 1), ("onnx", 2), ("pytorch", 1), ("pytorch", 2)}
+    assert {(r.engine, r.batch_size) for r in ratios} == expected
+    one = report.measurement("onnx", 2, 1)
+    base = report.measurement("against", 2, 1)
+    ratio = next(r for r in ratios if (r.engine, r.batch_size) == ("onnx", 2))
+    assert ratio.speedup == pytest.approx(one.throughput / base.throughput)
+    text = str(report)
+    assert "p99 ms" in text
+    assert "pytorch eager" in text
+    assert "int8" in text
+
+
+def test_bench_without_torch_has_no_baseline(pair: tuple[Path, Path]) -> None:
+    int8, _ = pair
+    report = bench_model(int8, batch_sizes=(3,), threads=(1, 2), iterations=2, warmup=0, torch_eager=False)
+    assert set(report.engines) == {"onnx"}
+    assert [(m.batch_size, m.threads) for m in report.measurements] == [(3, 1), (3, 2)]
+    assert report.baseline is None
+    assert report.ratios == ()
+    assert report.to_dict()["ratios"] == []
+
+
+def test_bench_rejects_bad_values(pair: tuple[Path, Path]) -> None:
+    int8, _ = pair
+    with pytest.raises(UsageError, match="batch-size"):
+        bench_model(int8, batch_sizes=(0,))
+    with pytest.raises(UsageError, match="threads"):
+        bench_model(int8, threads=())
+    with pytest.raises(UsageError, match="duration"):
+        bench_model(int8, duration=0)
+
+
+def test_cli_bench_json_schema_and_plot(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    int8, fp32 = pair
+    plot = tmp_path / "bench.png"
+    proc = run_cli("bench", str(int8), "--against", str(fp32), "--batch-size", "1", "--batch-size", "2",
+                   "--threads", "1", "--duration", "0.05", "--warmup", "1", "--json", "--plot", str(plot))
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    data = json.loads(proc.stdout)
+    assert set(data) >= {"model", "against", "engines", "baseline", "config", "machine", "results", "ratios",
+                         "notes"}
+    assert data["model"] == str(int8)
+    assert data["against"] == str(fp32)
+    assert data["config"]["batch_sizes"] == [1, 2]
+    assert data["config"]["threads"] == [1]
+    assert set(data["machine"]) >= {"cpu", "cores", "vnni", "onnxruntime"}
+    engines = set(data["engines"])
+    assert engines == {"onnx", "against", "pytorch"}
+    assert len(data["results"]) == len(engines) * 2
+    for row in data["results"]:
+        assert set(row) == {"engine", "label", "batch_size", "threads", "iterations", "latency_ms",
+                            "throughput"}
+        assert set(row["latency_ms"]) == {"p50", "p90", "p99", "mean"}
+        assert row["iterations"] >= 1
+        assert row["throughput"] > 0
+    assert {r["baseline"] for r in data["ratios"]} == {"against"}
+    assert len(data["ratios"]) == 2 * 2
+    content = plot.read_bytes()
+    assert content.startswith(PNG_SIGNATURE)
+    assert len(content) > 1000
+    assert not [p for p in tmp_path.iterdir() if p.name != "bench.png"]  # no temporary file left
+
+
+def test_cli_bench_table(pair: tuple[Path, Path]) -> None:
+    int8, _ = pair
+    proc = run_cli("bench", str(int8), "--batch-size", "1", "--threads", "1", "--duration", "0.05",
+                   "--torch", "off")
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert "p50 ms" in proc.stdout
+    assert int8.name in proc.stdout
+
+
+def test_cli_bench_usage_errors(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    int8, _ = pair
+    proc = run_cli("bench", str(int8), "--batch-size", "0")
+    assert proc.returncode == ExitCode.USAGE
+    assert "batch-size" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("bench", str(int8), "--torch", "maybe")
+    assert proc.returncode == ExitCode.USAGE
+    proc = run_cli("bench", str(tmp_path / "missing.onnx"))
+    assert proc.returncode == ExitCode.USAGE

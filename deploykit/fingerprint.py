@@ -1,7 +1,7 @@
 """Output fingerprints: record the exporter's outputs for a seeded input, check them later without torch.
 
-``export`` stores a :class:`~deploykit.card.Fingerprint` in the card; ``verify --fingerprint`` and the server's
-readiness self-test check that this ONNX Runtime, on this hardware, reproduces it.
+``export`` stores a :class:`~deploykit.card.Fingerprint` in the card; ``verify --fingerprint`` and the
+server's readiness self-test check that this ONNX Runtime, on this hardware, reproduces it.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class FingerprintResult:
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed else f"FAILED: {self.reason}"
-        return f"fingerprint {verdict} (max abs diff {self.max_abs_diff:.3g}, top-1 agreement {self.top1_agreement:.0%})"
+        return (f"fingerprint {verdict} (max abs diff {self.max_abs_diff:.3g}, "
+                f"top-1 agreement {self.top1_agreement:.0%})")
 
 
 def check_fingerprint(card: ModelCard, run: Callable[[np.ndarray], np.ndarray]) -> FingerprintResult:

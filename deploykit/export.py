@@ -17,11 +17,11 @@ import numpy as np
 
 from deploykit import __version__
 from deploykit.card import ModelCard, Preprocess, TensorSpec, write_card
+from deploykit.compare import effective_atol
 from deploykit.errors import ExportError, UsageError, VerificationError
 from deploykit.files import atomic_path, check_writable
 from deploykit.fingerprint import fingerprint_input, make_fingerprint
 from deploykit.sources import DEFAULT_SEED, LoadedModel, resolve_source
-from deploykit.tolerance import effective_atol
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ class ParityCheck:
 
     Passed when every element satisfies ``|onnx - torch| <= effective_atol + rtol * |torch|``;
     ``effective_atol`` is ``atol`` for outputs of ordinary magnitude and follows ``output_scale`` (the largest
-    reference output) when the outputs are tiny or huge, see ``tolerance.effective_atol``.
+    reference output) when the outputs are tiny or huge, see ``compare.effective_atol``.
     """
 
     batch_sizes: tuple[int, ...]

@@ -500,6 +500,7 @@ def _predictor(path: Path, card: ModelCard) -> Predictor:
 def _agreement(parent: Path, derived: Path, card: ModelCard, calibration: np.ndarray | None,
                extra_images: Sequence[Path]) -> Agreement | None:
     """Top-1/top-5 agreement and max probability difference on the calibration plus the bundled images."""
+    from deploykit.compare import topk_agreement
     from deploykit.images import InvalidImageError, load_image, preprocess
 
     tensors = list(calibration) if calibration is not None else []
@@ -511,12 +512,9 @@ def _agreement(parent: Path, derived: Path, card: ModelCard, calibration: np.nda
     images = np.stack(tensors)
     pa = _run_probabilities(_predictor(parent, card), images, card)
     pb = _run_probabilities(_predictor(derived, card), images, card)
-    k = min(5, pa.shape[1])
-    top1_a = pa.argmax(axis=1)
-    top5_b = np.argsort(-pb, axis=1, kind="stable")[:, :k]
-    return Agreement(top1=float(np.mean(top1_a == pb.argmax(axis=1))),
-                     top5=float(np.mean((top5_b == top1_a[:, None]).any(axis=1))),
-                     max_abs_prob_diff=float(np.abs(pa - pb).max()), images=int(len(pa)))
+    top1, top5 = topk_agreement(pb, pa)
+    return Agreement(top1=top1, top5=top5, max_abs_prob_diff=float(np.abs(pa - pb).max()),
+                     images=int(len(pa)))
 
 
 def _derived_card(card: ModelCard, model_path: Path, precision: str, *, parent: Path,

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploykit.card import ModelCard, Preprocess, TensorSpec, card_from_metadata, load_onnx
+from deploykit.compare import effective_atol, topk_agreement
 from deploykit.errors import ModelFileError, ModelNotFoundError, UsageError, VerificationError
 from deploykit.fingerprint import check_fingerprint, fingerprint_input
-from deploykit.tolerance import effective_atol
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -395,12 +395,7 @@ def _compare(name: str, actual: np.ndarray, expected: np.ndarray, *, atol: float
     size = max(diff.size, 1)
     top1 = top5 = None
     if a.ndim == 2 and a.shape[1] >= 2 and a.shape[0] > 0:
-        top1 = float(np.mean(np.argmax(a64, axis=1) == np.argmax(e64, axis=1)))
-        k = min(5, a.shape[1])
-        ta = np.argsort(-a64, axis=1, kind="stable")[:, :k]
-        te = np.argsort(-e64, axis=1, kind="stable")[:, :k]
-        overlap = [len(set(x) & set(y)) / k for x, y in zip(ta.tolist(), te.tolist(), strict=True)]
-        top5 = float(np.mean(overlap))
+        top1, top5 = topk_agreement(a64, e64)
     return OutputDiff(
         **base,  # type: ignore[arg-type]
         max_abs_diff=float(diff.max(initial=0.0)),

@@ -73,7 +73,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
     return loss / len(x), correct / len(x)
 
 
-def train(epochs: int, seed: int, n_train: int, n_test: int, *, batch_size: int = 64,
+def train(epochs: int, seed: int, n_train: int, n_test: int, *, batch_size: int = 32,
           max_lr: float = 6e-3) -> tuple[nn.Module, float]:
     """Generate data, train a ShapeNet and return it with its held-out test accuracy."""
     torch.manual_seed(seed)

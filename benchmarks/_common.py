@@ -1,0 +1,227 @@
+"""Shared helpers for the benchmark scripts: timing, percentiles, tables, JSON, machine details, a real photo,
+and subprocess servers on loopback ports.
+
+Benchmarks are scripts, not tests: they print a table and optionally write JSON; nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sample_photo() -> Path:
+    """A real JPEG photograph (Grace Hopper, 512x600) bundled with matplotlib; no download needed."""
+    from matplotlib import cbook
+
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation, as ``numpy.percentile``; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """Throughput and latency of one benchmark cell (one system at one concurrency)."""
+
+    system: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float  # completed requests (images) per second
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(system: str, concurrency: int, latencies_s: Sequence[float], seconds: float, *, errors: int = 0,
+              images_per_latency: int = 1, note: str = "") -> LoadResult:
+    """Build a ``LoadResult`` from per-request (or per-batch) latencies in seconds over a measured window."""
+    done = len(latencies_s) * images_per_latency
+    return LoadResult(
+        system=system, concurrency=concurrency, requests=done, errors=errors, seconds=round(seconds, 3),
+        throughput=done / seconds if seconds > 0 else math.nan,
+        p50_ms=percentile(latencies_s, 50) * 1e3, p99_ms=percentile(latencies_s, 99) * 1e3,
+        mean_ms=(sum(latencies_s) / len(latencies_s) * 1e3) if latencies_s else math.nan, note=note,
+    )
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table; floats get 1 decimal, numbers are right-aligned."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:,.1f}"
+        return str(value)
+
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(r[i]) for r in body) and bool(body) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts).rstrip()
+
+    out = [line(list(headers))]
+    if markdown:
+        out.append("|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                                  for w, num in zip(widths, numeric, strict=True)) + "|")
+    else:
+        out.append("  ".join("-" * w for w in widths))
+    out.extend(line(r) for r in body)
+    return "\n".join(out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", "").rstrip("x%"))
+    except ValueError:
+        return text == "-"
+    return True
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (temp file beside it, then rename)."""
+    target = Path(path)
+    temp = target.with_name(f".{target.name}.tmp")
+    temp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temp, target)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory, OS and the versions of the libraries that matter for speed."""
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "os": platform.platform(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gb"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    except OSError:
+        pass
+    if hasattr(os, "getloadavg"):
+        # Other work on the machine skews every figure; the load average at the end of a run shows it.
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if hasattr(os, "sched_getaffinity"):
+        info["usable_cores"] = len(os.sched_getaffinity(0))
+    from importlib import metadata
+
+    for package in ("onnxruntime", "torch", "torchvision", "flask", "gunicorn", "numpy", "pillow"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return info
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """Resident memory (MB) of a process and all its descendants (e.g. a WSGI master and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total_kb, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+class ServerProcess:
+    """A server subprocess on a loopback port; ``stop()`` sends SIGTERM and waits."""
+
+    def __init__(self, cmd: Sequence[str], *, url: str, log_path: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.cmd = list(cmd)
+        self.url = url
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's lifetime
+        self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})}, cwd=REPO)
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float = 180) -> None:
+        """Poll ``ready`` until it is True; raise with the server log if the process dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.cmd[:4]} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.cmd[:4]} not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def rss_mb(self) -> float:
+        return process_tree_rss_mb(self.process.pid)
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def python() -> str:
+    """The interpreter running the benchmark, so subprocesses use the same environment."""
+    return sys.executable

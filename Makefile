@@ -31,7 +31,9 @@ typecheck: install
 	$(PY) -m mypy deploykit
 
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_serve.py --workers 1,2 --repeat 2 --markdown
+	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_predict.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path,
                         help="ONNX model with a deploykit card [default: the shapes example]")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks-predict.md",
-                        help="Markdown section to write [default: docs/benchmarks-predict.md]")
+    parser.add_argument("--doc", type=Path,
+                        help="also write the Markdown section for docs/benchmarks.md to this file")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
@@ -226,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         f"only add latency. In this run: {scaling}.",
         "",
     ])
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    temp = args.doc.with_name(f".{args.doc.name}.tmp")
-    temp.write_text(doc)
-    temp.replace(args.doc)
-    print(f"\nWrote {args.doc}")
+    print("\n" + doc)
+    if args.doc:
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        temp = args.doc.with_name(f".{args.doc.name}.tmp")
+        temp.write_text(doc)
+        temp.replace(args.doc)
+        print(f"Wrote {args.doc}")
     if args.json:
         write_json(args.json, {"machine": info, "cold_start_s": {k: v[0] for k, v in cold.items()},
                                "throughput": throughput, "process_wall_s": process_wall,

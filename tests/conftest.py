@@ -1,4 +1,4 @@
-"""Shared fixtures: exported models (session-scoped) and a live `deploykit serve` process on a loopback port."""
+"""Shared fixtures: exported models (session-scoped) and a live `deploykit serve` process on loopback."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from requests.adapters import HTTPAdapter
 
 from deploykit import __version__
 from deploykit.card import ModelCard
+from deploykit.datatypes import NUMPY_BY_V2, V2_BY_NUMPY
 from deploykit.errors import ConnectionFailedError, RequestError
 
 if TYPE_CHECKING:
@@ -32,11 +33,6 @@ if TYPE_CHECKING:
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 RETRY_STATUSES = frozenset({429, 503})
-V2_DATATYPES = {
-    "float32": "FP32", "float16": "FP16", "float64": "FP64", "uint8": "UINT8", "int8": "INT8",
-    "int16": "INT16", "int32": "INT32", "int64": "INT64", "bool": "BOOL",
-}
-NUMPY_DTYPES = {v2: np_name for np_name, v2 in V2_DATATYPES.items()}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -273,7 +269,7 @@ class PredictClient:
         name = model or card.name
         path = f"/v2/models/{quote(name, safe='')}/infer"
         array = np.ascontiguousarray(tensor)
-        datatype = V2_DATATYPES.get(array.dtype.name)
+        datatype = V2_BY_NUMPY.get(array.dtype.name)
         if datatype is None:
             raise RequestError(f"Cannot send a {array.dtype.name} tensor over V2.", status=400)
         want_classes = self._v2_classification
@@ -388,7 +384,7 @@ def _v2_output(response: requests.Response, name: str, num_classes: int
                 if len(parts) == 3:
                     labels[index] = parts[2]
         return values, labels if any(labels) else None
-    dtype = np.dtype(NUMPY_DTYPES[datatype]).newbyteorder("<")
+    dtype = np.dtype(NUMPY_BY_V2[datatype]).newbyteorder("<")
     if chosen_bytes:
         flat = np.frombuffer(chosen_bytes, dtype=dtype)
     else:

@@ -25,6 +25,7 @@ from typing import Any
 
 from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec, card_from_metadata, load_onnx
+from deploykit.datatypes import V2_BY_NUMPY, triton_type
 from deploykit.errors import ModelFileError, UsageError
 from deploykit.serve.config import ServeConfig
 
@@ -42,12 +43,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _URI = re.compile(r"^[^\s\"'\\]+$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
-_TRITON_TYPES = {
-    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
-    "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
-    "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64",
-    "bool": "TYPE_BOOL",
-}
 _NEXT_STEP = {
     "triton": "Serve it: tritonserver --model-repository {out}\n"
               "      or: deploykit serve {name}={out}/{name}/1/model.onnx",
@@ -256,10 +251,10 @@ def _quote(text: str) -> str:
 
 def _triton_type(spec: TensorSpec) -> str:
     try:
-        return _TRITON_TYPES[spec.dtype]
+        return triton_type(spec.dtype)
     except KeyError:
         raise ModelFileError(f"Tensor {spec.name!r} has dtype {spec.dtype!r}, which Triton does not support.",
-                             hint=f"Supported: {', '.join(_TRITON_TYPES)}.") from None
+                             hint=f"Supported: {', '.join(V2_BY_NUMPY)}.") from None
 
 
 def _read_checked_card(path: Path) -> ModelCard:

@@ -20,6 +20,7 @@ from flask import Blueprint, Response, current_app, request
 
 from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec
+from deploykit.datatypes import NUMPY_BY_V2
 from deploykit.serve.app import error_response, json_response, registry_of
 from deploykit.serve.batching import ServeError
 from deploykit.serve.registry import ModelEntry
@@ -32,20 +33,7 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
+DATATYPES: dict[str, np.dtype[Any]] = {v2: np.dtype(name) for v2, name in NUMPY_BY_V2.items()}
 KNOWN_DATATYPES = (*DATATYPES, "BYTES", "BF16")
 _BY_NUMPY = {dtype: name for name, dtype in DATATYPES.items()}
 

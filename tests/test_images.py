@@ -20,6 +20,7 @@ from deploykit.images import (
     load_image,
     preprocess,
     preprocess_batch,
+    resize_and_crop,
 )
 
 
@@ -288,3 +289,25 @@ def test_preprocess_batch_stacks() -> None:
     batch = preprocess_batch([gradient(300, 200), gradient(200, 300)], Preprocess())
     assert batch.shape == (2, 3, 224, 224)
     assert batch.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_preprocess_is_bit_identical_to_pixelwise_normalisation(layout: str, order: str, dtype: str) -> None:
+    """The lookup table must give exactly what normalising each float32 pixel gives."""
+    pp = Preprocess(crop=64, resize=72, mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3), channel_order=order,
+                    layout=layout, dtype=dtype)
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))  # every level occurs
+    pixels = np.asarray(resize_and_crop(image, pp), dtype=np.float32)
+    if order == "BGR":
+        pixels = pixels[..., ::-1]
+    mean, std = np.asarray(pp.mean, np.float32), np.asarray(pp.std, np.float32)
+    expected = (pixels * np.float32(pp.scale) - mean) / std
+    if layout == "NCHW":
+        expected = expected.transpose(2, 0, 1)
+    ours = preprocess(image, pp)
+    assert ours.dtype == np.dtype(dtype)
+    assert ours.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(ours, expected.astype(dtype))

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, g, request, send_from_directory
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, current_app, g, request, send_from_directory
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from deploykit.errors import DeployKitError
@@ -45,6 +45,20 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
     return json_response({"error": message}, status, headers)
+
+
+def read_body(*, cache: bool = False) -> bytes:
+    """The request body; 413 when it is over ``--max-body-mb``.
+
+    Werkzeug answers 413 itself for a declared Content-Length over the limit, but stops a chunked body at the
+    limit without an error; a body that reached the limit is refused here instead of being used cut short
+    (so a chunked body of exactly the limit is refused too: what follows it cannot be told apart).
+    """
+    body = request.get_data(cache=cache, parse_form_data=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is None and len(body) >= limit:
+        raise RequestEntityTooLarge()
+    return body
 
 
 def registry_of(app: Flask) -> Registry:
@@ -169,10 +183,14 @@ def _install_error_handlers(app: Flask) -> None:
             message = f"Method {request.method} is not allowed on {request.path}; use {use}."
         if status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH") or 0
-            message = (
-                f"The request body is larger than the server's limit of {limit / 1048576:g} MB "
-                "(--max-body-mb)."
-            )
+            length = request.content_length
+            if length is not None and length <= limit and request.mimetype == "multipart/form-data":
+                message = f"The multipart form has more than {request.max_form_parts} parts."
+            else:
+                message = (
+                    f"The request body is larger than the server's limit of {limit / 1048576:g} MB "
+                    "(--max-body-mb)."
+                )
         response.set_data(json.dumps({"error": message}))
         response.content_type = "application/json"
         return response

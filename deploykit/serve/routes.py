@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 from typing import Any
 
@@ -16,9 +17,10 @@ from flask import Blueprint, Response, current_app, request
 
 from deploykit.images import decode_image, preprocess
 from deploykit.runtime import top_k
-from deploykit.serve.app import json_response, registry_of
+from deploykit.serve.app import json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
 from deploykit.serve.config import ServeConfig
+from deploykit.serve.multipart import parse_files
 from deploykit.serve.registry import ModelEntry
 
 bp = Blueprint("rest", __name__)
@@ -78,18 +80,28 @@ def read_images() -> list[tuple[str | None, bytes]]:
     """The request's images as (filename, bytes): multipart files, JSON base64 or a raw body."""
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
-        files = [(f.filename or None, f.read()) for _field, f in request.files.items(multi=True)]
+        # cached, so that Werkzeug's general parser can take over when the fast one declines
+        body = read_body(cache=True)
+        boundary = request.mimetype_params.get("boundary", "")
+        parts = parse_files(body, boundary, max_parts=request.max_form_parts)
+        if parts is not None:
+            files = [(part.filename, part.data) for part in parts]
+        else:
+            files = [(f.filename or None, f.read()) for _field, f in request.files.items(multi=True)]
         if not files:
             raise ServeError("The multipart form has no file; send the image in the 'file' field.")
         return files
     if mimetype == "application/json" or mimetype.endswith("+json"):
-        data = request.get_json(silent=True)
+        try:
+            data = json.loads(read_body())
+        except (ValueError, RecursionError):
+            data = None
         if isinstance(data, dict) and "image" in data:
             return [(None, _b64(data["image"], "'image'"))]
         if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"]:
             return [(None, _b64(item, f"'images'[{i}]")) for i, item in enumerate(data["images"])]
         raise ServeError('The JSON body needs {"image": "<base64>"} or {"images": ["<base64>", ...]}.')
-    body = request.get_data(cache=False)
+    body = read_body()
     if not body:
         raise ServeError(
             "The request has no image: send a multipart 'file', a raw image body "

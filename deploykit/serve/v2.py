@@ -21,7 +21,7 @@ from flask import Blueprint, Response, current_app, request
 from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec
 from deploykit.datatypes import NUMPY_BY_V2
-from deploykit.serve.app import error_response, json_response, registry_of
+from deploykit.serve.app import error_response, json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
 from deploykit.serve.registry import ModelEntry
 from deploykit.serve.routes import ready_entry
@@ -197,7 +197,7 @@ def _decompressed(body: bytes) -> bytes:
 
 
 def _split_body() -> tuple[dict[str, Any], memoryview]:
-    body = _decompressed(request.get_data(cache=False))
+    body = _decompressed(read_body())
     raw_length = request.headers.get(HEADER_LENGTH)
     if raw_length is not None:
         try:

@@ -178,7 +178,10 @@ def _run_gunicorn(config: ServeConfig) -> int:
             from deploykit.serve.app import create_app
 
             configure_logging(config.log_level)
-            return create_app(config.replace(load_in_background=True))
+            # One worker loads in the background, so that liveness answers during a long load. With several,
+            # each loads before it accepts a connection: the others keep serving, and no request or
+            # readiness probe lands on a worker that is still loading (at start-up or after a restart).
+            return create_app(config.replace(load_in_background=config.workers == 1))
 
     try:
         Application().run()

@@ -320,3 +320,11 @@ def test_server_never_imports_torch(shapes_onnx: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_no_request_reaches_a_worker_that_is_still_loading(live_server_factory, resnet18_onnx: Path) -> None:  # type: ignore[no-untyped-def]
+    # resnet18 takes long enough to load that two workers are rarely ready at the same instant: each must
+    # load before it accepts, or a fresh connection lands on the loading one and gets 503
+    server = live_server_factory(str(resnet18_onnx), "--workers", "2")
+    ready = [requests.get(server.url + "/v2/health/ready", timeout=30).status_code for _ in range(40)]
+    assert ready == [200] * 40

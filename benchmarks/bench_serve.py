@@ -29,17 +29,17 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import math
 import os
 import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -420,41 +420,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [[r.system, r.concurrency, r.throughput, r.p50_ms, r.p99_ms, r.errors] for r in results]
     print(format_table(["system", "concurrency", "img/s", "p50 ms", "p99 ms", "errors"], rows,
                        markdown=args.markdown))
-    ratios = ratio_rows(results)
+    ratios = ratio_rows(cells)
     if ratios:
         print()
-        print(format_table(["served system", "concurrency", "img/s", "/ ceiling", "/ tutorial"], ratios,
-                           markdown=args.markdown))
+        headers = ["served system", "concurrency", "median img/s", "/ ceiling", "/ tutorial"]
+        print(format_table(headers, ratios, markdown=args.markdown))
     if args.json:
         write_json(args.json, {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()},
                                "image": photo.name, "answers": answers, "memory_mb": memory,
                                "results": [r.to_dict() for r in results],
                                "rounds": [[r.to_dict() for r in runs] for runs in cells.values()],
-                               "ratios": [dict(zip(("system", "concurrency", "throughput", "vs_ceiling",
-                                                    "vs_tutorial"), row, strict=True)) for row in ratios]})
+                               "ratios": [dict(zip(("system", "concurrency", "median_throughput",
+                                                    "vs_ceiling", "vs_tutorial"), row, strict=True))
+                                          for row in ratios]})
     return 0
 
 
-def ratio_rows(results: Sequence[LoadResult]) -> list[list[Any]]:
-    """Per served system and concurrency: throughput over the best ceiling and over the tutorial server."""
+def ratio_rows(cells: Mapping[tuple[str, int], Sequence[LoadResult]]) -> list[list[Any]]:
+    """Per served system and concurrency: throughput over the best ceiling and over the tutorial server.
+
+    Each round's ratio compares cells measured within a minute of each other; the row gives the median of
+    the rounds' ratios and their range, so that drift on a shared machine shows instead of hiding in a mean.
+    """
     rows = []
-    for r in results:
-        if not r.system.startswith("deploykit serve"):
+    for (system, concurrency), runs in cells.items():
+        if not system.startswith("deploykit serve"):
             continue
-        same = [x for x in results if x.concurrency == r.concurrency]
-        ceiling = max((x.throughput for x in same if x.system.startswith("ceiling")), default=float("nan"))
-        tutorial = next((x.throughput for x in same if x.system.startswith("tutorial")), float("nan"))
-        rows.append([r.system, r.concurrency, r.throughput, _ratio(r.throughput, ceiling),
-                     _ratio(r.throughput, tutorial)])
+        row: list[Any] = [system, concurrency, statistics.median(r.throughput for r in runs)]
+        for prefix, pick in (("ceiling", max), ("tutorial", max)):
+            ratios = []
+            for round_, served in enumerate(runs):
+                base = [rs[round_].throughput for (s, c), rs in cells.items()
+                        if c == concurrency and s.startswith(prefix) and len(rs) > round_]
+                if base and pick(base) > 0:
+                    ratios.append(served.throughput / pick(base))
+            row.append(_ratio_range(ratios))
+        rows.append(row)
     return rows
+
+
+def _ratio_range(ratios: Sequence[float]) -> str:
+    if not ratios:
+        return "-"
+    text = f"{statistics.median(ratios):.2f}x"
+    return text if len(ratios) == 1 else f"{text} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def _order(system: str) -> int:
     return 0 if system.startswith("ceiling") else 1 if system.startswith("deploykit") else 2
-
-
-def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base > 0 and not math.isnan(base) else "-"
 
 
 if __name__ == "__main__":

@@ -447,13 +447,13 @@ def ratio_rows(cells: Mapping[tuple[str, int], Sequence[LoadResult]]) -> list[li
         if not system.startswith("deploykit serve"):
             continue
         row: list[Any] = [system, concurrency, statistics.median(r.throughput for r in runs)]
-        for prefix, pick in (("ceiling", max), ("tutorial", max)):
+        for prefix in ("ceiling", "tutorial"):
             ratios = []
             for round_, served in enumerate(runs):
-                base = [rs[round_].throughput for (s, c), rs in cells.items()
-                        if c == concurrency and s.startswith(prefix) and len(rs) > round_]
-                if base and pick(base) > 0:
-                    ratios.append(served.throughput / pick(base))
+                best = max((rs[round_].throughput for (s, c), rs in cells.items()
+                            if c == concurrency and s.startswith(prefix) and len(rs) > round_), default=0.0)
+                if best > 0:
+                    ratios.append(served.throughput / best)
             row.append(_ratio_range(ratios))
         rows.append(row)
     return rows

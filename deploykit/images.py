@@ -62,7 +62,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                 "(decompression bomb protection)."
             )
         opened.load()
-        image: Image.Image = ImageOps.exif_transpose(opened) or opened
+        # in place: without it Pillow returns a full copy of every image that needs no rotation
+        ImageOps.exif_transpose(opened, in_place=True)
+        image: Image.Image = opened
     except UnidentifiedImageError as exc:
         raise InvalidImageError(
             "The data is not an image in a format Pillow can read (JPEG, PNG, WebP, BMP, TIFF, GIF...).",

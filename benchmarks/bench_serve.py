@@ -22,6 +22,10 @@ weights, exported into a temporary folder, unless ``--model`` is given.
     python benchmarks/bench_serve.py                    # full run (about 4 minutes on 2 cores)
     python benchmarks/bench_serve.py --quick --json out.json
     python benchmarks/bench_serve.py --workers 1,2 --serve-args "--threads 16"
+    python benchmarks/bench_serve.py --skip tutorial --variant "--max-batch-size 8" --variant "A=1"
+
+Each ``--variant`` is one more deploykit serve, measured in the same rounds as the default one; leading
+``NAME=value`` words are set in its environment.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -266,9 +271,12 @@ def http_ok(url: str) -> bool:
 def start_deploykit(model: Path, workdir: Path, extra: Sequence[str], body: bytes,
                     content_type: str) -> ServerProcess:
     port = free_port()
+    env = dict(arg.split("=", 1) for arg in extra if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", arg))
+    extra = [arg for arg in extra if arg.split("=", 1)[0] not in env]
     cmd = [python(), "-m", "deploykit", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
            *extra]
-    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"serve-{port}.log")
+    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"serve-{port}.log",
+                           env=env)
     server.wait_until(lambda: http_ok(server.url + "/v2/health/ready"))
     # With several workers, "ready" may come from the first one up; each fresh connection can land on any
     # worker, so also wait until a run of predictions succeeds.
@@ -303,6 +311,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also/only run deploykit serve with --workers N for each N (comma list)")
     parser.add_argument("--serve-args", default="",
                         help="extra arguments for deploykit serve, e.g. '--threads 16'")
+    parser.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                        help="also run a deploykit serve with these extra arguments (leading NAME=value "
+                             "words go to its environment), side by side (repeatable)")
     parser.add_argument("--client", choices=("python", "wrk"), default="python",
                         help="load generator (python: steady-state window, default; wrk: from a cold start)")
     parser.add_argument("--skip", default="", help="comma list of systems to skip: ceiling, serve, tutorial")
@@ -360,7 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if "serve" not in skip:
                 extra = shlex.split(args.serve_args)
-                for run in [["--workers", str(n), *extra] for n in args.workers] if args.workers else [extra]:
+                runs = [["--workers", str(n), *extra] for n in args.workers] if args.workers else [extra]
+                runs += [[*extra, *shlex.split(variant)] for variant in args.variant]
+                for run in runs:
                     system = " ".join(["deploykit serve", *run])
                     servers[system] = start_deploykit(model, workdir, run, body, content_type)
                     answers[system] = post_once(servers[system].url + "/predict", body,

@@ -22,7 +22,8 @@ weights, exported into a temporary folder, unless ``--model`` is given.
     python benchmarks/bench_serve.py                    # full run (about 4 minutes on 2 cores)
     python benchmarks/bench_serve.py --quick --json out.json
     python benchmarks/bench_serve.py --workers 1,2 --serve-args "--threads 16"
-    python benchmarks/bench_serve.py --skip tutorial --variant "--max-batch-size 8" --variant "A=1"
+    python benchmarks/bench_serve.py --skip tutorial --variant "--max-batch-size 8"
+    python benchmarks/bench_serve.py --skip tutorial --variant "MALLOC_ARENA_MAX=2 --threads 4"
 
 Each ``--variant`` is one more deploykit serve, measured in the same rounds as the default one; leading
 ``NAME=value`` words are set in its environment.

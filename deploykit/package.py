@@ -124,7 +124,7 @@ def package_model(
             context of a deploykit server image holding the model) or ``k8s`` (Deployment, Service, HPA).
         output_dir: folder to create; an existing non-empty folder is replaced only with ``force``.
         name: model name (Triton model, V2 model name, Kubernetes resources) [default: the card's name].
-        max_batch_size: Triton's batch limit for a dynamic-batch model [default: deploykit serve's, 4].
+        max_batch_size: Triton's batch limit for a dynamic-batch model [default: deploykit serve's, 8].
         instance_count: Triton CPU instances of the model.
         max_queue_delay_us: Triton dynamic batching delay; 0 batches only what is already queued.
         image: container image name for ``docker``/``k8s`` [default: deploykit-<name>:<version>].

@@ -19,7 +19,7 @@ def serve(
     port: int = typer.Option(5000, "--port", help="Port to listen on."),
     workers: int = typer.Option(1, "--workers", help="Worker processes (each loads every model)."),
     threads: int = typer.Option(8, "--threads", help="Request threads per worker."),
-    max_batch_size: int = typer.Option(4, "--max-batch-size", help="Most images per ONNX Runtime call."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Most images per ONNX Runtime call."),
     max_batch_delay_ms: float = typer.Option(
         5.0, "--max-batch-delay-ms", help="Longest wait to fill a batch."
     ),

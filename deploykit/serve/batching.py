@@ -106,7 +106,7 @@ class Batcher:
         run: RunFn,
         *,
         name: str,
-        max_batch_size: int = 4,
+        max_batch_size: int = 8,
         max_delay: float = 0.005,
         max_queue: int = 64,
         static_batch: int | None = None,

@@ -41,7 +41,7 @@ class ServeConfig:
     port: int = 5000
     workers: int = 1
     threads: int = 8
-    max_batch_size: int = 4
+    max_batch_size: int = 8
     max_batch_delay_ms: float = 5.0
     max_queue: int = 64
     request_timeout: float = 30.0

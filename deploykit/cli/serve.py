@@ -20,6 +20,9 @@ def serve(
     workers: int = typer.Option(1, "--workers", help="Worker processes (each loads every model)."),
     threads: int = typer.Option(8, "--threads", help="Request threads per worker."),
     max_batch_size: int = typer.Option(8, "--max-batch-size", help="Most images per ONNX Runtime call."),
+    instances: int = typer.Option(
+        1, "--instances", help="ONNX Runtime calls in flight at once per model and worker (Triton's count)."
+    ),
     max_batch_delay_ms: float = typer.Option(
         5.0, "--max-batch-delay-ms", help="Longest wait to fill a batch."
     ),
@@ -68,6 +71,7 @@ def serve(
         workers=workers,
         threads=threads,
         max_batch_size=max_batch_size,
+        instances=instances,
         max_batch_delay_ms=max_batch_delay_ms,
         max_queue=max_queue,
         request_timeout=request_timeout,

@@ -3,8 +3,11 @@
 Request threads (gunicorn gthread handlers) preprocess their images, then :meth:`Batcher.submit` the arrays
 and wait. The batcher thread takes the oldest request, adds queued ones while they fit in ``max_batch_size``
 rows, and waits up to ``max_delay`` for more only while other requests are known to be on their way
-(``incoming``), so a lone client never pays the batching delay. The queue is bounded: a full queue raises
-:class:`QueueFull` at once (503 + Retry-After) instead of growing without limit.
+(``incoming``), so a lone client never pays the batching delay. With ``instances`` > 1 (Triton's instance
+count) that many batcher threads take batches from the same queue and run them at the same time on the one
+ONNX Runtime session (``run`` is thread-safe): requests run side by side while an instance is free, and are
+batched once every instance is busy. The queue is bounded: a full queue raises :class:`QueueFull` at once
+(503 + Retry-After) instead of growing without limit.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Batcher:
         max_queue: most requests waiting; more raise ``QueueFull``.
         static_batch: the model's fixed batch size, or None when the batch axis is dynamic. A static-batch
             model runs one request at a time, split into chunks of that size and padded.
+        instances: ONNX Runtime calls in flight at once (one batcher thread each).
         on_batch: called with (rows, inference seconds) after each call, for metrics.
     """
 
@@ -111,6 +115,7 @@ class Batcher:
         max_queue: int = 64,
         static_batch: int | None = None,
         on_batch: BatchHook | None = None,
+        instances: int = 1,
     ) -> None:
         self.run_fn = run
         self.name = name
@@ -123,8 +128,12 @@ class Batcher:
         self._cond = threading.Condition()
         self._incoming = 0
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i + 1}", daemon=True)
+            for i in range(max(1, instances))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued(self) -> int:
@@ -185,11 +194,13 @@ class Batcher:
         return BatchResult(item.outputs, item.picked - item.enqueued, item.inference_s, item.batch_rows)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Finish the queued requests, then stop the thread."""
+        """Finish the queued requests, then stop the threads (waiting at most ``timeout`` seconds in all)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _take_batch(self) -> list[_Item] | None:
         with self._cond:

@@ -42,6 +42,7 @@ class ServeConfig:
     workers: int = 1
     threads: int = 8
     max_batch_size: int = 8
+    instances: int = 1
     max_batch_delay_ms: float = 5.0
     max_queue: int = 64
     request_timeout: float = 30.0
@@ -63,6 +64,7 @@ class ServeConfig:
             (self.workers < 1, f"--workers must be at least 1, got {self.workers}"),
             (self.threads < 1, f"--threads must be at least 1, got {self.threads}"),
             (self.max_batch_size < 1, f"--max-batch-size must be at least 1, got {self.max_batch_size}"),
+            (self.instances < 1, f"--instances must be at least 1, got {self.instances}"),
             (
                 self.max_batch_delay_ms < 0,
                 f"--max-batch-delay-ms must be >= 0, got {self.max_batch_delay_ms}",

@@ -147,6 +147,7 @@ class Registry:
             max_delay=config.max_batch_delay_ms / 1000.0,
             max_queue=config.max_queue,
             static_batch=static if isinstance(static, int) and static > 0 else None,
+            instances=config.instances,
             on_batch=lambda rows, seconds: metrics.observe_batch(name, rows, seconds),
         )
         entry.ready = True

@@ -21,6 +21,7 @@ from flask import Blueprint, Response, current_app, request
 from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec
 from deploykit.datatypes import NUMPY_BY_V2
+from deploykit.runtime import PROVIDER_ALIASES
 from deploykit.serve.app import error_response, json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
 from deploykit.serve.registry import ModelEntry
@@ -131,6 +132,10 @@ def model_config(name: str, version: str | None = None) -> Response:
     card = _card(entry)
     dynamic = card.dynamic_batch
     config = registry_of(current_app).config
+    gpu = any(
+        PROVIDER_ALIASES.get(p.lower(), p) in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        for p in config.providers
+    )
 
     def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
         return [
@@ -150,6 +155,9 @@ def model_config(name: str, version: str | None = None) -> Response:
             "max_batch_size": config.max_batch_size if dynamic else 0,
             "input": tensors(card.inputs),
             "output": tensors(card.outputs),
+            "instance_group": [
+                {"name": entry.name, "kind": "KIND_GPU" if gpu else "KIND_CPU", "count": config.instances}
+            ],
         }
     )
 

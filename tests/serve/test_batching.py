@@ -109,3 +109,59 @@ def test_inference_error_reaches_the_caller(predictor: Predictor) -> None:
         batcher.submit(np.zeros((1, 3, 5, 5), dtype=np.float32), 5.0)
     assert batcher.submit(_inputs(1), 5.0).outputs[0].shape == (1, 6)
     batcher.close()
+
+
+def test_instances_run_side_by_side_and_batch_once_all_are_busy(predictor: Predictor) -> None:
+    both_running = threading.Barrier(2, timeout=10)  # passes only if two calls are in flight at once
+    gate = threading.Event()
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        with lock:
+            calls.append(batch.shape[0])
+            first_two = len(calls) <= 2
+        if first_two:
+            both_running.wait()
+            gate.wait(10)  # keep both instances busy while the next requests queue up
+        return predictor.run(batch)
+
+    batcher = Batcher(run, name="shapes", max_batch_size=8, max_delay=0.05, max_queue=64, instances=2)
+    arrays = [_inputs(1, seed) for seed in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        first = [pool.submit(batcher.submit, a, 20.0) for a in arrays[:2]]
+        while len(calls) < 2:
+            threading.Event().wait(0.01)
+        rest = [pool.submit(batcher.submit, a, 20.0) for a in arrays[2:]]
+        while batcher.queued < 6:
+            threading.Event().wait(0.01)
+        gate.set()
+        results = [f.result() for f in first + rest]
+    batcher.close()
+    assert calls[:2] == [1, 1]
+    assert sum(calls) == 8
+    assert max(calls[2:]) > 1, f"queued requests should be batched once both instances were busy: {calls}"
+    for array, result in zip(arrays, results, strict=True):
+        np.testing.assert_allclose(result.outputs[0], predictor.run(array)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_one_instance_never_runs_two_calls_at_once(predictor: Predictor) -> None:
+    in_flight = [0]
+    most = [0]
+    lock = threading.Lock()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        threading.Event().wait(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return predictor.run(batch)
+
+    batcher = Batcher(run, name="shapes", max_batch_size=1, max_delay=0, max_queue=64)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda seed: batcher.submit(_inputs(1, seed), 20.0), range(6)))
+    batcher.close()
+    assert len(results) == 6
+    assert most[0] == 1

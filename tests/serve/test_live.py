@@ -229,7 +229,13 @@ def test_api_key_several_models_and_workers(
     shapes_images: list[Path],
 ) -> None:
     server = live_server_factory(
-        str(shapes_onnx), f"renamed={shapes_onnx}", "--workers", "2", env={"DEPLOYKIT_API_KEY": "k3y"}
+        str(shapes_onnx),
+        f"renamed={shapes_onnx}",
+        "--workers",
+        "2",
+        "--instances",
+        "2",
+        env={"DEPLOYKIT_API_KEY": "k3y"},
     )
     image = shapes_images[0].read_bytes()
     assert _predict(server, data=image, headers={"Content-Type": "image/jpeg"}).status_code == 401
@@ -244,6 +250,8 @@ def test_api_key_several_models_and_workers(
         )
         assert r.status_code == 200
         assert r.json()["model"] == "renamed"
+    config = requests.get(server.url + "/v2/models/renamed/config", headers=auth, timeout=30).json()
+    assert config["instance_group"] == [{"name": "renamed", "kind": "KIND_CPU", "count": 2}]
     models = requests.get(server.url + "/models", headers={"X-API-Key": "k3y"}, timeout=30).json()["models"]
     assert [m["name"] for m in models] == ["shapes", "renamed"]
     for path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/"):
@@ -286,6 +294,7 @@ def test_cli_errors_and_help(tmp_path: Path) -> None:
         "--workers",
         "--threads",
         "--max-batch-size",
+        "--instances",
         "--max-batch-delay-ms",
         "--max-queue",
         "--request-timeout",

@@ -328,6 +328,8 @@ def test_model_specs(tmp_path: Path, shapes_onnx: Path) -> None:
         ServeConfig(models=parse_model_specs(["a.onnx", "a.onnx"], cwd=tmp_path))
     with pytest.raises(UsageError, match="max-queue"):
         ServeConfig(models=specs, max_queue=0)
+    with pytest.raises(UsageError, match="--instances must be at least 1"):
+        ServeConfig(models=specs, instances=0)
 
 
 def test_several_models_share_nothing_but_the_app(app: Flask) -> None:

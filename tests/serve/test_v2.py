@@ -235,7 +235,9 @@ def test_tritonclient_health_and_metadata(triton) -> None:  # type: ignore[no-un
     assert "classification" in triton.get_server_metadata()["extensions"]
     meta = triton.get_model_metadata("shapes")
     assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 64, 64]}
-    assert triton.get_model_config("shapes")["max_batch_size"] >= 1
+    config = triton.get_model_config("shapes")
+    assert config["max_batch_size"] >= 1
+    assert config["instance_group"] == [{"name": "shapes", "kind": "KIND_CPU", "count": 1}]
 
 
 @pytest.mark.parametrize("binary", [True, False])

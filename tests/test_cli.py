@@ -415,6 +415,9 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ),
+        # A terminal's Ctrl-C: run from a background job (``make test &``) the child would inherit SIGINT
+        # ignored, and Python installs no KeyboardInterrupt handler for an ignored signal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300

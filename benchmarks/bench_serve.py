@@ -196,7 +196,7 @@ class RawClient:
             self.buffer = b""
         self.sock.sendall(self.request)
         while b"\r\n\r\n" not in self.buffer:
-            self._receive()
+            self.buffer += self._receive()
         head, _, rest = self.buffer.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
@@ -205,19 +205,17 @@ class RawClient:
             raise http.client.HTTPException("answer without Content-Length")
         length = int(fields["content-length"])
         while len(rest) < length:
-            rest += self._receive(keep=False)
+            rest += self._receive()
         self.buffer = rest[length:]
         if fields.get("connection", "").lower() == "close" or lines[0].startswith("HTTP/1.0"):
             self.close()
         return status
 
-    def _receive(self, keep: bool = True) -> bytes:
+    def _receive(self) -> bytes:
         assert self.sock is not None
         chunk = self.sock.recv(1 << 16)
         if not chunk:
             raise http.client.RemoteDisconnected("the server closed the connection")
-        if keep:
-            self.buffer += chunk
         return chunk
 
     def close(self) -> None:
@@ -332,21 +330,20 @@ def start_deploykit(model: Path, workdir: Path, extra: Sequence[str], body: byte
     return server
 
 
-def start_command(command: str, model: Path, workdir: Path, body: bytes, content_type: str) -> ServerProcess:
-    """Any server command line; ready once it answers POST /predict with 200."""
+def start_command(command: Sequence[str], model: Path, workdir: Path, body: bytes, content_type: str, *,
+                  log_name: str = "server") -> ServerProcess:
+    """Any server command line, with ``{port}`` and ``{model}`` filled in; ready once it answers
+    POST /predict with 200."""
     port = free_port()
-    cmd = [arg.replace("{port}", str(port)).replace("{model}", str(model)) for arg in shlex.split(command)]
-    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"server-{port}.log")
+    cmd = [arg.replace("{port}", str(port)).replace("{model}", str(model)) for arg in command]
+    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"{log_name}-{port}.log")
     server.wait_until(lambda: post_once(server.url + "/predict", body, content_type)[0] == 200)
     return server
 
 
-def start_tutorial(workdir: Path, body: bytes, content_type: str) -> ServerProcess:
-    port = free_port()
-    cmd = [python(), str(Path(__file__).resolve().parent / "tutorial_server.py"), "--port", str(port)]
-    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"tutorial-{port}.log")
-    server.wait_until(lambda: post_once(server.url + "/predict", body, content_type)[0] == 200)
-    return server
+def start_tutorial(model: Path, workdir: Path, body: bytes, content_type: str) -> ServerProcess:
+    cmd = [python(), str(Path(__file__).resolve().parent / "tutorial_server.py"), "--port", "{port}"]
+    return start_command(cmd, model, workdir, body, content_type, log_name="tutorial")
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -441,10 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 system, _, command = spec.partition("=")
                 if not command:
                     raise SystemExit(f"--server needs NAME=COMMAND, got {spec!r}")
-                servers[system] = start_command(command, model, workdir, body, content_type)
+                servers[system] = start_command(shlex.split(command), model, workdir, body, content_type)
             if "tutorial" not in skip:
                 system = "tutorial (Flask dev + PyTorch eager)"
-                servers[system] = start_tutorial(workdir, body, content_type)
+                servers[system] = start_tutorial(model, workdir, body, content_type)
                 answers[system] = post_once(servers[system].url + "/predict", body,
                                             content_type)[1]["class_name"]
             memory.update({system: round(server.rss_mb(), 1) for system, server in servers.items()})
@@ -544,8 +541,14 @@ def _ratio_range(ratios: Sequence[float]) -> str:
 
 
 def _order(system: str) -> int:
-    return 0 if system.startswith("ceiling") else 1 if system.startswith("deploykit") else \
-        3 if system.startswith("tutorial") else 2
+    """Table order: the ceiling, deploykit serve, other servers (--server), the tutorial."""
+    if system.startswith("ceiling"):
+        return 0
+    if system.startswith("deploykit"):
+        return 1
+    if system.startswith("tutorial"):
+        return 3
+    return 2
 
 
 if __name__ == "__main__":

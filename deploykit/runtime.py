@@ -52,12 +52,17 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def provider_name(name: str) -> str:
+    """ONNX Runtime's name for a provider given by its short name (``cpu``, ``cuda``) or its full name."""
+    return PROVIDER_ALIASES.get(name.lower(), name)
+
+
 def resolve_providers(requested: Sequence[str]) -> list[str]:
     """Map short names (``cpu``, ``cuda``) to ONNX Runtime provider names and check they are available."""
     available = available_providers()
     resolved = []
     for name in requested:
-        full = PROVIDER_ALIASES.get(name.lower(), name)
+        full = provider_name(name)
         if full not in available:
             raise UsageError(
                 f"Requested provider {name!r} ({full}) is not available; available providers are "

@@ -21,7 +21,7 @@ from flask import Blueprint, Response, current_app, request
 from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec
 from deploykit.datatypes import NUMPY_BY_V2
-from deploykit.runtime import PROVIDER_ALIASES
+from deploykit.runtime import provider_name
 from deploykit.serve.app import error_response, json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
 from deploykit.serve.registry import ModelEntry
@@ -133,8 +133,7 @@ def model_config(name: str, version: str | None = None) -> Response:
     dynamic = card.dynamic_batch
     config = registry_of(current_app).config
     gpu = any(
-        PROVIDER_ALIASES.get(p.lower(), p) in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-        for p in config.providers
+        provider_name(p) in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in config.providers
     )
 
     def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:

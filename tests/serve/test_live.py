@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +50,95 @@ def test_raw_body_json_batch_and_top_k(shapes_server: LiveServer, shapes_images:
     preds = batch.json()["predictions"]
     assert [p["label"] for p in preds] == [label_of(p) for p in shapes_images]
     assert all(len(p["top_k"]) == 2 for p in preds)
+
+
+def _http_request(
+    server: LiveServer, method: str, path: str, body: bytes = b"", content_type: str = ""
+) -> bytes:
+    host_port = server.url.removeprefix("http://")
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host_port}\r\nContent-Length: {len(body)}\r\n"
+    if content_type:
+        head += f"Content-Type: {content_type}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+def _read_response(stream: object) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (status, lower-case headers, body by Content-Length) from a socket file."""
+    status_line = stream.readline()  # type: ignore[attr-defined]
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := stream.readline().strip()) != b"":  # type: ignore[attr-defined]
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = stream.read(int(headers["content-length"]))  # type: ignore[attr-defined]
+    return int(status_line.split()[1]), headers, body
+
+
+def test_keep_alive_pipelining_and_vanishing_clients(
+    shapes_server: LiveServer, shapes_images: list[Path]
+) -> None:
+    """Back-to-back and pipelined requests on one kept-alive connection (which a handler thread answers
+    itself when they come at once), and clients that hang up, with or without reading the answer."""
+    path = shapes_images[1]
+    predict = _http_request(shapes_server, "POST", "/predict", path.read_bytes(), "image/jpeg")
+    address = shapes_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((address[0], int(address[1])), timeout=30) as sock:
+        stream = sock.makefile("rb")
+        # three requests in one write: answered in order on the same connection
+        sock.sendall(
+            _http_request(shapes_server, "GET", "/v2/health/live")
+            + predict
+            + _http_request(shapes_server, "GET", "/v2/health/ready")
+        )
+        answers = [_read_response(stream) for _ in range(3)]
+        assert [status for status, _h, _b in answers] == [200, 200, 200]
+        assert json.loads(answers[1][2])["predictions"][0]["label"] == label_of(path)
+        for _ in range(20):  # back to back, as a closed-loop client posts
+            sock.sendall(predict)
+            status, headers, body = _read_response(stream)
+            assert status == 200
+            assert headers.get("connection", "").lower() != "close"
+            assert json.loads(body)["predictions"][0]["label"] == label_of(path)
+    for read_answer in (True, False) * 5:
+        with socket.create_connection((address[0], int(address[1])), timeout=30) as sock:
+            sock.sendall(predict)
+            if read_answer:
+                assert _read_response(sock.makefile("rb"))[0] == 200
+    half_sent = predict[: len(predict) // 2]
+    with socket.create_connection((address[0], int(address[1])), timeout=30) as sock:
+        sock.sendall(half_sent)  # hangs up in the middle of the body
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = requests.get(shapes_server.url + "/metrics", timeout=30).text
+        gauge = next(
+            line for line in metrics.splitlines() if line.startswith("deploykit_requests_in_flight ")
+        )
+        if float(gauge.split()[1]) == 1:  # only this scrape: every hung-up request was finished
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"requests still in flight: {gauge}")
+    assert _predict(shapes_server, files={"file": (path.name, path.read_bytes())}).status_code == 200
+
+
+def test_idle_kept_alive_connection_does_not_hold_the_only_thread(
+    live_server_factory,
+    shapes_onnx: Path,
+    shapes_images: list[Path],  # type: ignore[no-untyped-def]
+) -> None:
+    server = live_server_factory(str(shapes_onnx), "--threads", "1")
+    predict = _http_request(server, "POST", "/predict", shapes_images[0].read_bytes(), "image/jpeg")
+    address = server.url.removeprefix("http://").split(":")
+    with (
+        socket.create_connection((address[0], int(address[1])), timeout=10) as first,
+        socket.create_connection((address[0], int(address[1])), timeout=10) as second,
+    ):
+        first_stream, second_stream = first.makefile("rb"), second.makefile("rb")
+        for _ in range(3):  # each answered while the other connection sits idle but open
+            first.sendall(predict)
+            assert _read_response(first_stream)[0] == 200
+            second.sendall(predict)
+            assert _read_response(second_stream)[0] == 200
 
 
 def test_bad_input_never_breaks_the_server(shapes_server: LiveServer, shapes_images: list[Path]) -> None:

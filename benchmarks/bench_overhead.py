@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         from deploykit.images import decode_image, preprocess
         from deploykit.runtime import Predictor
         from deploykit.serve.config import ModelSpec, ServeConfig
-        from deploykit.serve.registry import serving_session_options
+        from deploykit.serve.registry import inference_plan, open_predictors
 
-        predictor = Predictor.open(
-            model, serving_session_options(ServeConfig(models=(ModelSpec("m", model),)))
-        )
+        config = ServeConfig(models=(ModelSpec("m", model),))
+        shared, solo = open_predictors(model, config, inference_plan(config))
+        predictor: Predictor = solo or shared  # one client at a time: the session for a call alone
 
         def in_process() -> None:
             predictor.predict(preprocess(decode_image(data), predictor.card.preprocess)[None], 5)

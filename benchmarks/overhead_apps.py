@@ -22,10 +22,13 @@ from flask import Flask, Response, request
 from deploykit.images import decode_image, preprocess
 from deploykit.runtime import Predictor
 from deploykit.serve.config import ModelSpec, ServeConfig
-from deploykit.serve.registry import serving_session_options
+from deploykit.serve.registry import inference_plan, open_predictors
 
 _MODEL = Path(os.environ["OVERHEAD_MODEL"])
-_PREDICTOR = Predictor.open(_MODEL, serving_session_options(ServeConfig(models=(ModelSpec("m", _MODEL),))))
+_CONFIG = ServeConfig(models=(ModelSpec("m", _MODEL),))
+# one client at a time: the session the server gives a call that runs alone
+_SHARED, _SOLO = open_predictors(_MODEL, _CONFIG, inference_plan(_CONFIG))
+_PREDICTOR: Predictor = _SOLO or _SHARED
 
 
 def answer(data: bytes) -> bytes:

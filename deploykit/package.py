@@ -27,14 +27,14 @@ from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec, card_from_metadata, load_onnx
 from deploykit.datatypes import V2_BY_NUMPY, triton_type
 from deploykit.errors import ModelFileError, UsageError
-from deploykit.serve.config import ServeConfig
+from deploykit.serve.config import MAX_BATCH_ONE_AT_A_TIME, ServeConfig
 
 FORMATS = ("triton", "kserve", "docker", "k8s")
 CONTAINER_PORT = 8080
 STORAGE_URI_PLACEHOLDER = "s3://YOUR-BUCKET/PATH/TO/THIS/FOLDER"
 _DEFAULTS = {f.name: f.default for f in fields(ServeConfig)}
-# The image's server uses deploykit serve's own defaults, so the Triton batch limit matches it too.
-DEFAULT_MAX_BATCH_SIZE: int = _DEFAULTS["max_batch_size"]  # type: ignore[assignment]
+# Triton batches on one instance group the way deploykit serve does with one call at a time.
+DEFAULT_MAX_BATCH_SIZE: int = MAX_BATCH_ONE_AT_A_TIME
 DEFAULT_GRACEFUL_TIMEOUT: float = _DEFAULTS["graceful_timeout"]  # type: ignore[assignment]
 
 # Same rule as `deploykit serve name=path`, so a packaged name is also a valid deploykit model name.
@@ -124,7 +124,8 @@ def package_model(
             context of a deploykit server image holding the model) or ``k8s`` (Deployment, Service, HPA).
         output_dir: folder to create; an existing non-empty folder is replaced only with ``force``.
         name: model name (Triton model, V2 model name, Kubernetes resources) [default: the card's name].
-        max_batch_size: Triton's batch limit for a dynamic-batch model [default: deploykit serve's, 8].
+        max_batch_size: Triton's batch limit for a dynamic-batch model [default: 8, deploykit serve's with one
+            call at a time].
         instance_count: Triton CPU instances of the model.
         max_queue_delay_us: Triton dynamic batching delay; 0 batches only what is already queued.
         image: container image name for ``docker``/``k8s`` [default: deploykit-<name>:<version>].

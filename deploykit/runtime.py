@@ -35,13 +35,15 @@ class SessionOptions:
     """Knobs for an ONNX Runtime session. ``None`` threads means ONNX Runtime's default (one per core).
 
     ``allow_spinning`` False stops idle worker threads from busy-waiting, which matters when inference shares
-    cores with request handling in a server.
+    cores with request handling in a server. ``stop_spinning_after_run`` keeps spinning within a call (no
+    wake-up between its parallel sections) but stops it as soon as the last concurrent call returns.
     """
 
     providers: tuple[str, ...] = ("cpu",)
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
     allow_spinning: bool = True
+    stop_spinning_after_run: bool = False
     optimization: str = "all"
     optimized_model_path: str | None = None
 
@@ -88,6 +90,8 @@ def create_session(model: str | Path | bytes, options: SessionOptions | None = N
     if not options.allow_spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    elif options.stop_spinning_after_run:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -176,6 +180,10 @@ class Predictor:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """All outputs for one input batch."""
         return list(self.session.run(self.output_names, {self.input_name: batch}))
+
+    def first_output(self, batch: np.ndarray) -> np.ndarray:
+        """The first output for one input batch."""
+        return self.run(batch)[0]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) for one input batch."""

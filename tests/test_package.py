@@ -38,7 +38,8 @@ from deploykit.package import (
     package_model,
     triton_config,
 )
-from deploykit.serve.config import ServeConfig
+from deploykit.serve.config import ModelSpec, ServeConfig
+from deploykit.serve.registry import inference_plan
 
 PORT = 8080
 ENTRYPOINT = ["deploykit", "serve", "--host", "0.0.0.0", "--port", str(PORT)]
@@ -532,9 +533,12 @@ def test_packaged_defaults_are_the_servers() -> None:
     command = get_command(app).commands["serve"]  # type: ignore[attr-defined]
     serve_cli = {p.name: p.default for p in command.params}
     serve_lib = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
-    packaged = {"graceful_timeout": DEFAULT_GRACEFUL_TIMEOUT, "max_batch_size": DEFAULT_MAX_BATCH_SIZE}
-    for option, value in packaged.items():
-        assert serve_cli[option] == serve_lib[option] == value, option
+    assert serve_cli["graceful_timeout"] == serve_lib["graceful_timeout"] == DEFAULT_GRACEFUL_TIMEOUT
+    # the batch limit is the server's for one call at a time, as Triton runs one instance group
+    assert serve_cli["max_batch_size"] is None
+    assert serve_lib["max_batch_size"] is None
+    one_at_a_time = ServeConfig(models=(ModelSpec("m", Path("m.onnx")),), instances=1)
+    assert inference_plan(one_at_a_time, cores=2).max_batch_size == DEFAULT_MAX_BATCH_SIZE
     assert "workers" in serve_cli  # the manifests pass --workers
 
 

@@ -19,9 +19,16 @@ def serve(
     port: int = typer.Option(5000, "--port", help="Port to listen on."),
     workers: int = typer.Option(1, "--workers", help="Worker processes (each loads every model)."),
     threads: int = typer.Option(8, "--threads", help="Request threads per worker."),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Most images per ONNX Runtime call."),
-    instances: int = typer.Option(
-        1, "--instances", help="ONNX Runtime calls in flight at once per model and worker (Triton's count)."
+    max_batch_size: int | None = typer.Option(
+        None,
+        "--max-batch-size",
+        help="Most images per ONNX Runtime call (default: 2 when calls run side by side on CPU, else 8).",
+    ),
+    instances: int | None = typer.Option(
+        None,
+        "--instances",
+        help="ONNX Runtime calls in flight at once per model and worker (Triton's count; default: one per "
+        "core on CPU).",
     ),
     max_batch_delay_ms: float = typer.Option(
         5.0, "--max-batch-delay-ms", help="Longest wait to fill a batch."
@@ -47,7 +54,10 @@ def serve(
         help="Allow browser calls from this origin (repeatable, * for any). No CORS by default.",
     ),
     intra_op_threads: int | None = typer.Option(
-        None, "--intra-op-threads", help="ONNX Runtime threads per worker (default: cores / workers)."
+        None,
+        "--intra-op-threads",
+        help="ONNX Runtime threads per call (default: a call alone gets the worker's cores, calls side by "
+        "side share them).",
     ),
     provider: list[str] | None = typer.Option(
         None, "--provider", help="ONNX Runtime provider (cpu, cuda...)."

@@ -6,7 +6,9 @@ rows, and waits up to ``max_delay`` for more only while other requests are known
 (``incoming``), so a lone client never pays the batching delay. With ``instances`` > 1 (Triton's instance
 count) that many batcher threads take batches from the same queue and run them at the same time on the one
 ONNX Runtime session (``run`` is thread-safe): requests run side by side while an instance is free, and are
-batched once every instance is busy. The queue is bounded: a full queue raises :class:`QueueFull` at once
+batched once every instance is busy. With a ``solo_run`` (on CPU, a session with more threads), a call that
+starts while nothing else is running, queued or on its way takes it: a lone request gets every core, requests
+side by side get an instance each. The queue is bounded: a full queue raises :class:`QueueFull` at once
 (503 + Retry-After) instead of growing without limit.
 """
 
@@ -27,7 +29,7 @@ from deploykit.errors import DeployKitError
 log = logging.getLogger("deploykit.serve")
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
-BatchHook = Callable[[int, float], None]
+BatchHook = Callable[[int, float, bool], None]
 
 
 class ServeError(DeployKitError):
@@ -102,7 +104,10 @@ class Batcher:
         static_batch: the model's fixed batch size, or None when the batch axis is dynamic. A static-batch
             model runs one request at a time, split into chunks of that size and padded.
         instances: ONNX Runtime calls in flight at once (one batcher thread each).
-        on_batch: called with (rows, inference seconds) after each call, for metrics.
+        on_batch: called with (rows, inference seconds, whether ``solo_run`` ran it) after each call, for
+            metrics.
+        solo_run: used instead of ``run`` for a call that starts while no other call runs and no other
+            request is queued or on its way (on CPU: a session with all the cores, where ``run`` has a share).
     """
 
     def __init__(
@@ -116,8 +121,10 @@ class Batcher:
         static_batch: int | None = None,
         on_batch: BatchHook | None = None,
         instances: int = 1,
+        solo_run: RunFn | None = None,
     ) -> None:
         self.run_fn = run
+        self.solo_run_fn = solo_run
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay
@@ -127,6 +134,7 @@ class Batcher:
         self._pending: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._incoming = 0
+        self._running = 0
         self._closed = False
         self._threads = [
             threading.Thread(target=self._loop, name=f"batcher-{name}-{i + 1}", daemon=True)
@@ -176,7 +184,9 @@ class Batcher:
                     f"Model {self.name!r} is overloaded ({self.max_queue} requests queued); retry later."
                 )
             self._pending.append(item)
-            self._cond.notify_all()
+            # One waiter is enough: either idle instances wait (any one may take it), or the one instance
+            # that is forming a batch does (the last free one), never both.
+            self._cond.notify()
         if not item.event.wait(timeout):
             with self._cond:
                 if item.event.is_set():
@@ -202,7 +212,8 @@ class Batcher:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _take_batch(self) -> list[_Item] | None:
+    def _take_batch(self) -> tuple[list[_Item], bool] | None:
+        """The next batch, and whether it runs solo; it counts as running until :meth:`_done`."""
         with self._cond:
             while not self._pending:
                 if self._closed:
@@ -210,10 +221,10 @@ class Batcher:
                 self._cond.wait()
             batch = [self._pending.popleft()]
             rows = batch[0].rows
-            if self.static_batch is not None:
-                return batch
             deadline = time.monotonic() + self.max_delay
-            while rows < self.max_batch_size:
+            # while another instance is free, the next request runs there, side by side with this one
+            another_free = self._running + 1 < len(self._threads)
+            while rows < self.max_batch_size and self.static_batch is None and not another_free:
                 if self._pending:
                     if rows + self._pending[0].rows > self.max_batch_size:
                         break
@@ -225,13 +236,20 @@ class Batcher:
                 if self._incoming <= 0 or remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
-            return batch
+            alone = self._running == 0 and not self._pending and self._incoming <= 0
+            self._running += 1
+            return batch, alone and self.solo_run_fn is not None
+
+    def _done(self) -> None:
+        with self._cond:
+            self._running -= 1
 
     def _loop(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            taken = self._take_batch()
+            if taken is None:
                 return
+            batch, solo = taken
             now = time.monotonic()
             live = []
             for item in batch:
@@ -246,23 +264,30 @@ class Batcher:
                     continue
                 live.append(item)
             if live:
-                self._run(live)
+                self._run(live, solo)
+            else:
+                self._done()
 
-    def _run(self, batch: list[_Item]) -> None:
+    def _run(self, batch: list[_Item], solo: bool) -> None:
+        """Run ``batch`` and answer its requests. The call stops counting as running before they wake, so
+        that a client's next request (closed loop) finds the batcher idle."""
+        run = self.solo_run_fn if solo and self.solo_run_fn is not None else self.run_fn
         try:
             start = time.perf_counter()
             if self.static_batch is not None:
-                outputs = self._run_static(batch[0].array)
+                outputs = self._run_static(batch[0].array, run)
             elif len(batch) == 1:
-                outputs = self.run_fn(batch[0].array)
+                outputs = run(batch[0].array)
             else:
-                outputs = self.run_fn(np.concatenate([item.array for item in batch]))
+                outputs = run(np.concatenate([item.array for item in batch]))
             elapsed = time.perf_counter() - start
         except Exception as exc:  # handed to every waiting request thread, which logs it once as a 500
+            self._done()
             for item in batch:
                 item.error = exc
                 item.event.set()
             return
+        self._done()
         rows = sum(item.rows for item in batch)
         offset = 0
         for item in batch:
@@ -275,15 +300,15 @@ class Batcher:
             item.event.set()
         if self.on_batch is not None:
             try:
-                self.on_batch(rows, elapsed)
+                self.on_batch(rows, elapsed, solo)
             except Exception:  # metrics must never break inference
                 log.exception("batch metrics hook failed")
 
-    def _run_static(self, array: np.ndarray) -> list[np.ndarray]:
+    def _run_static(self, array: np.ndarray, run: RunFn) -> list[np.ndarray]:
         size = self.static_batch or 1
         rows = array.shape[0]
         if rows == size:
-            return self.run_fn(array)
+            return run(array)
         chunks: list[list[np.ndarray]] = []
         for start in range(0, rows, size):
             chunk = array[start : start + size]
@@ -291,5 +316,5 @@ class Batcher:
             if n < size:
                 pad = np.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            chunks.append([out[:n] for out in self.run_fn(chunk)])
+            chunks.append([out[:n] for out in run(chunk)])
         return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]

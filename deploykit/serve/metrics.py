@@ -72,6 +72,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        self.calls = Counter(
+            "deploykit_inference_calls",
+            "ONNX Runtime calls by session: 'solo' (a call alone, on every core) or 'shared' (side by side).",
+            ["model", "session"],
+            registry=reg,
+        )
         self.batch_size = Histogram(
             "deploykit_batch_size",
             "Rows per ONNX Runtime call.",
@@ -93,7 +99,8 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
-    def observe_batch(self, model: str, rows: int, seconds: float) -> None:
+    def observe_batch(self, model: str, rows: int, seconds: float, solo: bool) -> None:
+        self.calls.labels(model, "solo" if solo else "shared").inc()
         self.batch_size.labels(model).observe(rows)
         self.inference_time.labels(model).observe(seconds)
 

@@ -10,25 +10,91 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from deploykit.card import ModelCard
 from deploykit.errors import DeployKitError
-from deploykit.runtime import Predictor, SessionOptions
+from deploykit.runtime import Predictor, SessionOptions, create_session, provider_name
 from deploykit.serve.batching import Batcher
-from deploykit.serve.config import ModelSpec, ServeConfig
+from deploykit.serve.config import MAX_BATCH_ONE_AT_A_TIME, MAX_BATCH_SIDE_BY_SIDE, ModelSpec, ServeConfig
 from deploykit.serve.metrics import Metrics
 
 log = logging.getLogger("deploykit.serve")
 
 
-def serving_session_options(config: ServeConfig) -> SessionOptions:
-    """Session options for serving: no spinning (request threads share the cores) and one thread per core
-    split among the worker processes."""
-    threads = config.intra_op_threads
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // config.workers)
+@dataclass(frozen=True)
+class InferencePlan:
+    """How one worker runs a model: up to ``instances`` ONNX Runtime calls side by side, each on ``threads``
+    intra-op threads and of at most ``max_batch_size`` rows; a call that starts with nothing else running,
+    queued or being decoded runs on ``solo_threads`` (a second session) instead. On 2 cores by default: a
+    lone request gets both cores, concurrent requests get one core each, which keeps decoding and inference
+    from fighting over the cores (docs/benchmarks.md)."""
+
+    instances: int
+    threads: int
+    solo_threads: int
+    max_batch_size: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "instances": self.instances,
+            "threads": self.threads,
+            "solo_threads": self.solo_threads,
+            "max_batch_size": self.max_batch_size,
+        }
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as a container's cpuset sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def inference_plan(config: ServeConfig, cores: int | None = None) -> InferencePlan:
+    """The worker's share of ``cores`` (default: :func:`usable_cores`) split as ``config`` asks.
+
+    ``--instances`` defaults to one per core on CPU (one elsewhere); ``--intra-op-threads`` fixes the threads
+    of every call (no solo session); by default a call alone takes all the worker's cores and calls side by
+    side take ``cores / instances`` each. ``--max-batch-size`` defaults to ``MAX_BATCH_SIDE_BY_SIDE`` when
+    calls run side by side on CPU and to ``MAX_BATCH_ONE_AT_A_TIME`` otherwise.
+    """
+    share = max(1, (cores or usable_cores()) // config.workers)
+    on_cpu = all(provider_name(p) == "CPUExecutionProvider" for p in config.providers)
+    instances = config.instances or (share if on_cpu else 1)
+    batch = config.max_batch_size or (
+        MAX_BATCH_SIDE_BY_SIDE if on_cpu and instances > 1 else MAX_BATCH_ONE_AT_A_TIME
+    )
+    if config.intra_op_threads is not None:
+        return InferencePlan(instances, config.intra_op_threads, config.intra_op_threads, batch)
+    return InferencePlan(instances, max(1, share // instances), share, batch)
+
+
+def serving_session_options(config: ServeConfig, threads: int) -> SessionOptions:
+    """Session options for serving: ``threads`` intra-op threads, no spinning (request threads share the
+    cores)."""
     return SessionOptions(providers=config.providers, intra_op_threads=threads, allow_spinning=False)
+
+
+def open_predictors(
+    path: str | Path, config: ServeConfig, plan: InferencePlan, *, name: str | None = None
+) -> tuple[Predictor, Predictor | None]:
+    """The model's sessions for ``plan``: the one calls side by side share (``plan.threads``) and, when the
+    plan gives a call alone more threads, the solo one. Raises ``ModelFileError``."""
+    shared = Predictor.open(path, serving_session_options(config, plan.threads), name=name)
+    if plan.solo_threads == plan.threads:
+        return shared, None
+    # A solo call has the cores to itself: its threads may spin between the call's parallel sections (no
+    # wake-up latency, 5-10% faster at one client, docs/benchmarks.md), and stop as soon as it returns.
+    solo_options = SessionOptions(
+        providers=config.providers,
+        intra_op_threads=plan.solo_threads,
+        allow_spinning=True,
+        stop_spinning_after_run=True,
+    )
+    session = create_session(path, solo_options)
+    return shared, Predictor(session, shared.card, name=shared.name, path=str(path))
 
 
 @dataclass
@@ -38,6 +104,8 @@ class ModelEntry:
     spec: ModelSpec
     default: bool
     predictor: Predictor | None = None
+    solo: Predictor | None = None
+    plan: InferencePlan | None = None
     batcher: Batcher | None = None
     ready: bool = False
     error: str | None = None
@@ -60,6 +128,8 @@ class ModelEntry:
             "ready": self.ready,
             "card": card.to_dict() if card is not None else None,
         }
+        if self.plan is not None:
+            data["inference"] = self.plan.to_dict()
         if self.error:
             data["error"] = self.error
         return data
@@ -72,6 +142,7 @@ class Registry:
         self.config = config
         self.metrics = metrics
         self.entries = {spec.name: ModelEntry(spec, i == 0) for i, spec in enumerate(config.models)}
+        self.plan = inference_plan(config)
         self.draining = False
         self.loaded = threading.Event()
         self._thread: threading.Thread | None = None
@@ -117,47 +188,59 @@ class Registry:
 
     def _load(self, entry: ModelEntry) -> None:
         config = self.config
+        plan = self.plan
+        path = entry.spec.path
         try:
-            predictor = Predictor.open(entry.spec.path, serving_session_options(config), name=entry.name)
+            predictor, solo = open_predictors(path, config, plan, name=entry.name)
         except DeployKitError as exc:
             entry.error = str(exc)
             log.error("model %r failed to load: %s", entry.name, exc)
             return
         entry.predictor = predictor
+        entry.solo = solo
+        entry.plan = plan
         if config.self_test:
             from deploykit.fingerprint import check_fingerprint
 
-            result = check_fingerprint(predictor.card, lambda x: predictor.run(x)[0])
-            entry.self_test = result.to_dict()
-            if not result:
-                entry.error = (
-                    f"fingerprint self-test failed: {result.reason} (the ONNX Runtime outputs differ "
-                    "from the exporter's; check the model with `deploykit verify`, or start with "
-                    "--no-self-test)"
-                )
-                log.error("model %r is not ready: %s", entry.name, entry.error)
-                return
+            # each session is tested: their thread counts differ, and so may their kernels' partitioning
+            for tested in (predictor, solo) if solo is not None else (predictor,):
+                result = check_fingerprint(predictor.card, tested.first_output)
+                entry.self_test = result.to_dict()
+                if not result:
+                    entry.error = (
+                        f"fingerprint self-test failed: {result.reason} (the ONNX Runtime outputs differ "
+                        "from the exporter's; check the model with `deploykit verify`, or start with "
+                        "--no-self-test)"
+                    )
+                    log.error("model %r is not ready: %s", entry.name, entry.error)
+                    return
         static = predictor.card.input.shape[0] if predictor.card.input.shape else None
         metrics = self.metrics
         name = entry.name
         entry.batcher = Batcher(
             predictor.run,
             name=name,
-            max_batch_size=config.max_batch_size,
+            max_batch_size=plan.max_batch_size,
             max_delay=config.max_batch_delay_ms / 1000.0,
             max_queue=config.max_queue,
             static_batch=static if isinstance(static, int) and static > 0 else None,
-            instances=config.instances,
-            on_batch=lambda rows, seconds: metrics.observe_batch(name, rows, seconds),
+            instances=plan.instances,
+            solo_run=solo.run if solo is not None else None,
+            on_batch=lambda rows, seconds, alone: metrics.observe_batch(name, rows, seconds, alone),
         )
         entry.ready = True
         metrics.model_ready.labels(name).set(1)
         log.info(
-            "model %r loaded from %s (%d classes, self-test %s)",
+            "model %r loaded from %s (%d classes, self-test %s; %d instances x %d threads, batches of up to "
+            "%d, %s)",
             name,
-            entry.spec.path,
+            path,
             predictor.card.num_classes,
             "passed" if config.self_test else "skipped",
+            plan.instances,
+            plan.threads,
+            plan.max_batch_size,
+            f"{plan.solo_threads} threads for a call alone" if solo is not None else "no solo session",
         )
 
     def close(self) -> None:

@@ -131,7 +131,8 @@ def model_config(name: str, version: str | None = None) -> Response:
     entry = _entry(name, version)
     card = _card(entry)
     dynamic = card.dynamic_batch
-    config = registry_of(current_app).config
+    registry = registry_of(current_app)
+    config = registry.config
     gpu = any(
         provider_name(p) in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in config.providers
     )
@@ -151,11 +152,15 @@ def model_config(name: str, version: str | None = None) -> Response:
             "name": entry.name,
             "platform": PLATFORM,
             "backend": "onnxruntime",
-            "max_batch_size": config.max_batch_size if dynamic else 0,
+            "max_batch_size": registry.plan.max_batch_size if dynamic else 0,
             "input": tensors(card.inputs),
             "output": tensors(card.outputs),
             "instance_group": [
-                {"name": entry.name, "kind": "KIND_GPU" if gpu else "KIND_CPU", "count": config.instances}
+                {
+                    "name": entry.name,
+                    "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                    "count": registry.plan.instances,
+                }
             ],
         }
     )

@@ -165,3 +165,62 @@ def test_one_instance_never_runs_two_calls_at_once(predictor: Predictor) -> None
     batcher.close()
     assert len(results) == 6
     assert most[0] == 1
+
+
+def test_a_lone_call_runs_solo_and_calls_side_by_side_share(predictor: Predictor) -> None:
+    used: list[str] = []
+    first_running = threading.Event()
+    release = threading.Event()
+
+    def session(kind: str):  # type: ignore[no-untyped-def]
+        def run(batch: np.ndarray) -> list[np.ndarray]:
+            used.append(kind)
+            if len(used) == 1:
+                first_running.set()
+                release.wait(10)  # hold the first call while the second request arrives
+            return predictor.run(batch)
+
+        return run
+
+    seen: list[bool] = []
+    batcher = Batcher(
+        session("shared"),
+        solo_run=session("solo"),
+        name="shapes",
+        max_batch_size=1,
+        max_delay=0,
+        max_queue=8,
+        instances=2,
+        on_batch=lambda _rows, _seconds, solo: seen.append(solo),
+    )
+    arrays = [_inputs(1, seed) for seed in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.submit, arrays[0], 20.0)
+        assert first_running.wait(10)
+        # answered while the first call is still held: it ran on the other instance, with the shared session
+        second = batcher.submit(arrays[1], 20.0)
+        release.set()
+        results = [first.result(timeout=20), second]
+    results.append(batcher.submit(arrays[2], 20.0))  # alone again
+    with batcher.incoming():  # another request is being decoded: this call must leave it a core
+        results.append(batcher.submit(arrays[3], 20.0))
+    batcher.close()
+    assert used == ["solo", "shared", "solo", "shared"]
+    assert sorted(seen) == [False, False, True, True]  # what the metrics count
+    for array, result in zip(arrays, results, strict=True):
+        np.testing.assert_allclose(result.outputs[0], predictor.run(array)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_solo_session_every_call_uses_run(predictor: Predictor) -> None:
+    seen: list[bool] = []
+    batcher = Batcher(
+        predictor.run,
+        name="shapes",
+        max_batch_size=4,
+        max_delay=0,
+        max_queue=8,
+        on_batch=lambda _rows, _seconds, solo: seen.append(solo),
+    )
+    batcher.submit(_inputs(1), 5.0)
+    batcher.close()
+    assert seen == [False]

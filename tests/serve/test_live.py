@@ -357,6 +357,39 @@ def test_api_key_several_models_and_workers(
     assert float(line.split()[-1]) == 6.0
 
 
+def test_a_lone_request_runs_solo_and_concurrent_ones_share(  # type: ignore[no-untyped-def]
+    live_server_factory, resnet18_onnx: Path
+) -> None:
+    server = live_server_factory(str(resnet18_onnx))
+    model = requests.get(server.url + "/models/resnet18", timeout=30).json()
+    plan = model["inference"]
+    assert plan["instances"] >= 1
+    assert plan["threads"] <= plan["solo_threads"]
+    triton = requests.get(server.url + "/v2/models/resnet18/config", timeout=30).json()
+    assert triton["max_batch_size"] == plan["max_batch_size"]
+    assert triton["instance_group"][0]["count"] == plan["instances"]
+    photo = encode(Image.new("RGB", (256, 256), (10, 200, 30)), "JPEG")
+
+    def calls() -> dict[str, float]:
+        text = requests.get(server.url + "/metrics", timeout=30).text
+        counts = {"solo": 0.0, "shared": 0.0}
+        for line in text.splitlines():
+            if line.startswith("deploykit_inference_calls_total{"):
+                counts[line.split('session="')[1].split('"')[0]] = float(line.split()[-1])
+        return counts
+
+    for _ in range(5):  # one at a time: each call has the worker to itself
+        assert _predict(server, files={"file": ("p.jpg", photo)}).status_code == 200
+    has_solo = plan["solo_threads"] != plan["threads"]
+    assert calls() == ({"solo": 5.0, "shared": 0.0} if has_solo else {"solo": 0.0, "shared": 5.0})
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _predict(server, files={"file": ("p.jpg", photo)}), range(24)))
+    assert [r.status_code for r in answers] == [200] * 24
+    after = calls()
+    assert after["shared"] >= 1  # side by side (or batched): never every one of them alone
+    assert after["solo"] + after["shared"] <= 5 + 24
+
+
 def test_dev_server(live_server_factory, shapes_onnx: Path, shapes_images: list[Path]) -> None:  # type: ignore[no-untyped-def]
     server = live_server_factory(str(shapes_onnx), "--dev")
     r = requests.post(server.url + "/predict", files={"file": shapes_images[0].open("rb")}, timeout=30)

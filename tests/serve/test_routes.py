@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from deploykit.errors import ModelNotFoundError, UsageError
 from deploykit.serve.app import create_app, registry_of
 from deploykit.serve.config import ModelSpec, ServeConfig, parse_model_specs
+from deploykit.serve.registry import InferencePlan, inference_plan
 from tests.serve.helpers import label_of, png_bomb, variants
 
 
@@ -330,6 +331,49 @@ def test_model_specs(tmp_path: Path, shapes_onnx: Path) -> None:
         ServeConfig(models=specs, max_queue=0)
     with pytest.raises(UsageError, match="--instances must be at least 1"):
         ServeConfig(models=specs, instances=0)
+
+
+def test_inference_plan_splits_the_cores() -> None:
+    specs = (ModelSpec("m", Path("m.onnx")),)
+
+    def plan(cores: int, **options: object) -> tuple[int, int, int, int]:
+        p = inference_plan(ServeConfig(models=specs, **options), cores=cores)  # type: ignore[arg-type]
+        return p.instances, p.threads, p.solo_threads, p.max_batch_size
+
+    # (instances, threads per call side by side, threads of a call alone, most rows per call)
+    assert plan(2) == (2, 1, 2, 2)  # side by side one core each; a call alone gets both
+    assert plan(8) == (8, 1, 8, 2)
+    assert plan(8, instances=3) == (3, 2, 8, 2)
+    assert plan(2, instances=1) == (1, 2, 2, 8)  # one call at a time on every core: batching is the lever
+    assert plan(2, workers=2) == (1, 1, 1, 8)  # each worker has one core
+    assert plan(8, intra_op_threads=3) == (8, 3, 3, 2)  # fixed threads: no solo session
+    assert plan(1) == (1, 1, 1, 8)
+    assert plan(4, providers=("cuda",)) == (1, 4, 4, 8)  # one call at a time on a GPU unless asked
+    assert plan(2, max_batch_size=16) == (2, 1, 2, 16)
+    with pytest.raises(UsageError, match="--max-batch-size must be at least 1"):
+        ServeConfig(models=specs, max_batch_size=0)
+
+
+def test_sessions_follow_the_plan(app: Flask, shapes_onnx: Path) -> None:
+    registry = registry_of(app)
+    plan = registry.plan
+    assert plan == inference_plan(registry.config)
+    for entry in registry.entries.values():
+        assert entry.predictor is not None
+        assert entry.predictor.session.get_session_options().intra_op_num_threads == plan.threads
+        if plan.solo_threads == plan.threads:
+            assert entry.solo is None
+        else:
+            assert entry.solo is not None
+            solo = entry.solo.session.get_session_options()
+            assert solo.intra_op_num_threads == plan.solo_threads
+            # a solo call may spin between its parallel sections, and stops when it returns
+            assert solo.get_session_config_entry("session.force_spinning_stop") == "1"
+            shared = entry.predictor.session.get_session_options()
+            assert shared.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    fixed = registry_of(make_app(("shapes", shapes_onnx), intra_op_threads=1, instances=2))
+    assert fixed.plan == InferencePlan(2, 1, 1, 2)
+    assert fixed.entries["shapes"].solo is None
 
 
 def test_several_models_share_nothing_but_the_app(app: Flask) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -228,7 +229,7 @@ def triton(shapes_server: LiveServer):  # type: ignore[no-untyped-def]
     client.close()
 
 
-def test_tritonclient_health_and_metadata(triton) -> None:  # type: ignore[no-untyped-def]
+def test_tritonclient_health_and_metadata(triton, shapes_server: LiveServer) -> None:  # type: ignore[no-untyped-def]
     assert triton.is_server_live()
     assert triton.is_server_ready()
     assert triton.is_model_ready("shapes")
@@ -236,8 +237,9 @@ def test_tritonclient_health_and_metadata(triton) -> None:  # type: ignore[no-un
     meta = triton.get_model_metadata("shapes")
     assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 64, 64]}
     config = triton.get_model_config("shapes")
-    assert config["max_batch_size"] >= 1
-    assert config["instance_group"] == [{"name": "shapes", "kind": "KIND_CPU", "count": 1}]
+    plan = requests.get(shapes_server.url + "/models/shapes", timeout=30).json()["inference"]
+    assert config["max_batch_size"] == plan["max_batch_size"] >= 1
+    assert config["instance_group"] == [{"name": "shapes", "kind": "KIND_CPU", "count": plan["instances"]}]
 
 
 @pytest.mark.parametrize("binary", [True, False])

@@ -187,7 +187,7 @@ class Predictor:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) for one input batch."""
-        return self.to_probabilities(self.run(batch)[0])
+        return self.to_probabilities(self.first_output(batch))
 
     def to_probabilities(self, output: np.ndarray) -> np.ndarray:
         import numpy as np

@@ -99,7 +99,8 @@ class Batcher:
     Args:
         run: input batch -> list of outputs (first axis = batch).
         max_batch_size: most rows per ONNX Runtime call; a larger request runs alone.
-        max_delay: seconds to wait for more requests while others are being preprocessed.
+        max_delay: seconds to wait for more requests while others are being preprocessed and no other
+            instance is free.
         max_queue: most requests waiting; more raise ``QueueFull``.
         static_batch: the model's fixed batch size, or None when the batch axis is dynamic. A static-batch
             model runs one request at a time, split into chunks of that size and padded.

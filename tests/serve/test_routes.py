@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from deploykit.errors import ModelNotFoundError, UsageError
 from deploykit.serve.app import create_app, registry_of
 from deploykit.serve.config import ModelSpec, ServeConfig, parse_model_specs
-from deploykit.serve.registry import InferencePlan, inference_plan
+from deploykit.serve.registry import InferencePlan, cgroup_cpu_quota, inference_plan, usable_cores
 from tests.serve.helpers import label_of, png_bomb, variants
 
 
@@ -352,6 +352,25 @@ def test_inference_plan_splits_the_cores() -> None:
     assert plan(2, max_batch_size=16) == (2, 1, 2, 16)
     with pytest.raises(UsageError, match="--max-batch-size must be at least 1"):
         ServeConfig(models=specs, max_batch_size=0)
+
+
+def test_cpu_quota_caps_the_cores(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # a Kubernetes limit of 1500m
+    assert cgroup_cpu_quota(v2) == 1.5
+    assert usable_cores(v2) == 1
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000000\n")  # 1000 cores: the affinity is smaller
+    assert cgroup_cpu_quota(v1) == 1000.0
+    assert usable_cores(v1) == usable_cores(tmp_path / "none")  # no quota files: the affinity alone
+    assert cgroup_cpu_quota(tmp_path / "none") is None
 
 
 def test_sessions_follow_the_plan(app: Flask, shapes_onnx: Path) -> None:

@@ -91,10 +91,17 @@ def inference_plan(config: ServeConfig, cores: int | None = None) -> InferencePl
     return InferencePlan(instances, max(1, share // instances), share, batch)
 
 
-def serving_session_options(config: ServeConfig, threads: int) -> SessionOptions:
-    """Session options for serving: ``threads`` intra-op threads, no spinning (request threads share the
-    cores)."""
-    return SessionOptions(providers=config.providers, intra_op_threads=threads, allow_spinning=False)
+def serving_session_options(config: ServeConfig, threads: int, *, solo: bool = False) -> SessionOptions:
+    """Session options for serving with ``threads`` intra-op threads. Calls side by side never spin (request
+    threads share the cores); a ``solo`` call has the cores to itself, so its threads may spin between its
+    parallel sections (no wake-up latency: 5-10% faster at one client, docs/benchmarks.md) and stop as soon
+    as it returns."""
+    return SessionOptions(
+        providers=config.providers,
+        intra_op_threads=threads,
+        allow_spinning=solo,
+        stop_spinning_after_run=solo,
+    )
 
 
 def open_predictors(
@@ -105,15 +112,7 @@ def open_predictors(
     shared = Predictor.open(path, serving_session_options(config, plan.threads), name=name)
     if plan.solo_threads == plan.threads:
         return shared, None
-    # A solo call has the cores to itself: its threads may spin between the call's parallel sections (no
-    # wake-up latency, 5-10% faster at one client, docs/benchmarks.md), and stop as soon as it returns.
-    solo_options = SessionOptions(
-        providers=config.providers,
-        intra_op_threads=plan.solo_threads,
-        allow_spinning=True,
-        stop_spinning_after_run=True,
-    )
-    session = create_session(path, solo_options)
+    session = create_session(path, serving_session_options(config, plan.solo_threads, solo=True))
     return shared, Predictor(session, shared.card, name=shared.name, path=str(path))
 
 

@@ -6,11 +6,19 @@ back on a kept-alive connection, in alternating blocks of ``--block`` requests, 
 (the same decode, preprocess and ``Predictor.predict`` with the server's session settings) between them, so
 that drift on a shared machine hits every system alike. Systems:
 
-- ``gunicorn + bare WSGI``: ``overhead_apps.raw_app`` under gunicorn's gthread worker (8 threads), the WSGI
-  server's own cost;
+- ``gunicorn + bare WSGI``: ``overhead_apps.raw_app`` under gunicorn with deploykit serve's worker class
+  (``--worker gthread``: gunicorn's own), 8 threads: the WSGI server's own cost;
 - ``gunicorn + Flask``: ``overhead_apps.flask_app``, one Flask view, what Flask adds;
 - ``deploykit serve``: the real server (batcher, metrics, hooks, the full answer);
-- ``granian + Flask`` (with ``--granian``, when granian is installed): a WSGI server written in Rust.
+- ``granian + Flask`` (with ``--granian``, when granian is installed): a WSGI server written in Rust;
+- ``deploykit serve [ARGS]`` for each ``--variant ARGS`` (leading NAME=value words go to its environment, so
+  ``--variant PYTHONPATH=/tmp/old`` measures another checkout side by side).
+
+The in-process rows use the server's session for a call alone and, as ``in-process (ORT defaults)``, ONNX
+Runtime's default session (the best in-process configuration at one client in bench_serve); the ratio column
+divides the faster of the two by each system. ``--skip-apps`` leaves out the gunicorn (and granian) apps;
+``--multipart`` posts bench_serve's multipart upload to the deploykit servers instead (and leaves the apps
+out).
 
 ``--copies K`` starts K processes of each server and spreads the blocks over them: two processes of the same
 server can differ by a few tenths of a millisecond for the whole run (where their threads landed), which
@@ -19,12 +27,15 @@ adds to the in-process call, and the in-process call over it (the share of the c
 
     python benchmarks/bench_overhead.py --model resnet18.onnx
     python benchmarks/bench_overhead.py --copies 3 --rounds 60 --granian --markdown
+    python benchmarks/bench_overhead.py --skip-apps --variant PYTHONPATH=/tmp/old-checkout
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,13 +47,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ServerProcess, format_table, free_port, machine_info, python, sample_photo  # noqa: E402
-from bench_serve import RawClient, start_deploykit  # noqa: E402
+from bench_serve import RawClient, multipart_body, start_deploykit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
-def start_app(kind: str, app: str, model: Path, workdir: Path, data: bytes) -> ServerProcess:
-    """``overhead_apps:<app>`` under gunicorn (gthread, 8 threads, as deploykit serve) or granian."""
+WORKER_CLASSES = {"deploykit": "overhead_worker.DeployKitWorker", "gthread": "gthread"}
+
+
+def start_app(kind: str, app: str, model: Path, workdir: Path, data: bytes, worker: str = "deploykit"
+              ) -> ServerProcess:
+    """``overhead_apps:<app>`` under gunicorn (8 threads of deploykit serve's worker class, or gunicorn's
+    own gthread) or granian."""
     port = free_port()
     if kind == "gunicorn":
         cmd = [
@@ -52,7 +68,7 @@ def start_app(kind: str, app: str, model: Path, workdir: Path, data: bytes) -> S
             "--chdir",
             str(HERE),
             "--worker-class",
-            "gthread",
+            WORKER_CLASSES[worker],
             "--threads",
             "8",
             "--workers",
@@ -92,6 +108,20 @@ def start_app(kind: str, app: str, model: Path, workdir: Path, data: bytes) -> S
     return server
 
 
+def kept_alive(client: RawClient) -> Callable[[], int]:
+    """``client.post``, reconnecting once when the server closed the kept-alive connection (its keep-alive
+    timeout can pass while the other systems take their turns, during the warm-up)."""
+
+    def post() -> int:
+        try:
+            return client.post()
+        except (http.client.RemoteDisconnected, ConnectionError):
+            client.close()
+            return client.post()
+
+    return post
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -104,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=10, help="requests per block (default 10)")
     parser.add_argument("--copies", type=int, default=1, help="server processes per system (default 1)")
     parser.add_argument("--granian", action="store_true", help="also granian + Flask (pip install granian)")
+    parser.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                        help="also a deploykit serve with these extra arguments (leading NAME=value words "
+                        "go to its environment; repeatable)")
+    parser.add_argument("--worker", choices=sorted(WORKER_CLASSES), default="deploykit",
+                        help="gunicorn worker class of the apps: deploykit serve's (default) or gunicorn's "
+                        "gthread")
+    parser.add_argument("--multipart", action="store_true",
+                        help="post bench_serve's multipart upload (field 'file') instead of the raw JPEG; "
+                        "measures the deploykit servers only")
+    parser.add_argument("--skip-apps", action="store_true", help="leave out the gunicorn and granian apps")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     if args.granian and importlib.util.find_spec("granian") is None:
@@ -120,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([python(), "-m", "deploykit", *export], check=True, stdout=subprocess.DEVNULL)
 
         from deploykit.images import decode_image, preprocess
-        from deploykit.runtime import Predictor
+        from deploykit.runtime import Predictor, SessionOptions
         from deploykit.serve.config import ModelSpec, ServeConfig
         from deploykit.serve.registry import inference_plan, open_predictors
 
@@ -128,25 +168,42 @@ def main(argv: list[str] | None = None) -> int:
         shared, solo = open_predictors(model, config, inference_plan(config))
         predictor: Predictor = solo or shared  # one client at a time: the session for a call alone
 
-        def in_process() -> None:
-            predictor.predict(preprocess(decode_image(data), predictor.card.preprocess)[None], 5)
+        defaults = Predictor.open(model, SessionOptions())
 
-        starters: dict[str, Callable[[], ServerProcess]] = {
-            "gunicorn + bare WSGI": lambda: start_app("gunicorn", "raw_app", model, workdir, data),
-            "gunicorn + Flask": lambda: start_app("gunicorn", "flask_app", model, workdir, data),
-            "deploykit serve": lambda: start_deploykit(model, workdir, [], data, "image/jpeg"),
-        }
-        if args.granian:
+        def in_process(session: Predictor) -> Callable[[], object]:
+            return lambda: session.predict(preprocess(decode_image(data), session.card.preprocess)[None], 5)
+
+        starters: dict[str, Callable[[], ServerProcess]] = {}
+        if not (args.skip_apps or args.multipart):
+            for system, app in (("gunicorn + bare WSGI", "raw_app"), ("gunicorn + Flask", "flask_app")):
+                starters[system] = lambda a=app: start_app("gunicorn", a, model, workdir, data, args.worker)
+        body, content_type = (data, "image/jpeg")
+        if args.multipart:  # what bench_serve sends (the deploykit servers only: the apps take a raw body)
+            body, content_type = multipart_body(data, "photo.jpg")
+        starters["deploykit serve"] = lambda: start_deploykit(model, workdir, [], body, content_type)
+        for variant in args.variant:
+            extra = shlex.split(variant)
+            starters[f"deploykit serve {variant}"] = lambda x=extra: start_deploykit(model, workdir, x, body,
+                                                                                      content_type)
+        if args.granian and not (args.skip_apps or args.multipart):
             starters["granian + Flask"] = lambda: start_app("granian", "flask_app", model, workdir, data)
         servers: list[ServerProcess] = []
-        calls: list[tuple[str, Callable[[], object]]] = [("in-process", in_process)]
+        calls: list[tuple[str, Callable[[], object]]] = [
+            # the default session first: its threads spin on for a while after its last call
+            ("in-process (ORT defaults)", in_process(defaults)),
+            ("in-process", in_process(predictor)),
+        ]
         try:
             for _copy in range(args.copies):
                 for system, start in starters.items():
                     server = start()
                     servers.append(server)
                     port = int(server.url.rsplit(":", 1)[1])
-                    calls.append((system, RawClient("127.0.0.1", port, "/predict", data, "image/jpeg").post))
+                    if system.startswith("deploykit"):
+                        client = RawClient("127.0.0.1", port, "/predict", body, content_type)
+                    else:
+                        client = RawClient("127.0.0.1", port, "/predict", data, "image/jpeg")
+                    calls.append((system, kept_alive(client)))
             print(
                 f"Model {model.name}, {len(data):,}-byte JPEG, {args.rounds} rounds of {args.block} "
                 f"requests, {args.copies} process(es) per server",
@@ -166,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:
                 server.stop()
 
-    base = statistics.median(latencies["in-process"])
+    base = min(statistics.median(latencies[name]) for name in ("in-process", "in-process (ORT defaults)"))
     rows = []
     for system, values in latencies.items():
         median = statistics.median(values)
@@ -174,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n")
     print(
-        format_table(["system", "median ms", "added ms", "in-process / system"], rows, markdown=args.markdown)
+        format_table(["system", "median ms", "added ms", "best in-process / system"], rows,
+                     markdown=args.markdown)
     )
     return 0
 

@@ -8,6 +8,7 @@ before any worker imports prometheus_client), every worker writes its values to 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +32,9 @@ LATENCY_BUCKETS = (
     30.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+#: Request methods counted by name; any other token a client sends is counted as "other", so that clients
+#: cannot create series without bound.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 __all__ = ["CONTENT_TYPE", "Metrics", "multiprocess_enabled"]
 
@@ -44,6 +48,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         reg = self.registry
         self.requests = Counter(
             "deploykit_requests",
@@ -99,10 +104,31 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set (``labels`` validates and locks on every
+        call; a request observes five series)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_request(
+        self, model: str, route: str, method: str, status: int, seconds: float | None
+    ) -> None:
+        """Count a finished request and, when its start is known, its latency."""
+        method = method if method in METHODS else "other"
+        self._child(self.requests, model, route, method, str(status)).inc()
+        if seconds is not None:
+            self._child(self.latency, model, route).observe(seconds)
+
+    def observe_queue(self, model: str, seconds: float) -> None:
+        self._child(self.queue_time, model).observe(seconds)
+
     def observe_batch(self, model: str, rows: int, seconds: float, solo: bool) -> None:
-        self.calls.labels(model, "solo" if solo else "shared").inc()
-        self.batch_size.labels(model).observe(rows)
-        self.inference_time.labels(model).observe(seconds)
+        self._child(self.calls, model, "solo" if solo else "shared").inc()
+        self._child(self.batch_size, model).observe(rows)
+        self._child(self.inference_time, model).observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series (of all workers in multiprocess mode)."""

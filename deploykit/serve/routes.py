@@ -130,7 +130,7 @@ def predict_entry(entry: ModelEntry) -> Response:
         decoded = time.perf_counter()
         result = batcher.submit(batch, config.request_timeout, ticket)
     metrics = current_app.extensions["deploykit.metrics"]
-    metrics.queue_time.labels(entry.name).observe(result.queue_s)
+    metrics.observe_queue(entry.name, result.queue_s)
     probabilities = predictor.to_probabilities(result.outputs[0])
     predictions = []
     for (filename, _data), row in zip(uploads, top_k(probabilities, k, card.labels), strict=True):

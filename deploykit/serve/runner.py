@@ -113,7 +113,7 @@ def _run_dev(config: ServeConfig) -> int:
     return 0
 
 
-def _worker_class() -> type:
+def worker_class() -> type:
     from gunicorn.workers.gthread import ThreadWorker
 
     class DeployKitWorker(ThreadWorker):
@@ -191,7 +191,7 @@ def _run_gunicorn(config: ServeConfig) -> int:
         "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
         "workers": config.workers,
         "threads": config.threads,
-        "worker_class": _worker_class(),
+        "worker_class": worker_class(),
         "graceful_timeout": math.ceil(config.graceful_timeout),
         # the heartbeat timeout must outlast model loading and the longest request
         "timeout": max(120, int(config.request_timeout * 2)),

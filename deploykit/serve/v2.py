@@ -182,7 +182,7 @@ def infer(name: str, version: str | None = None) -> Response:
         array = _input_tensor(header, card, binary)
         result = batcher.submit(array, registry_of(current_app).config.request_timeout, ticket)
     metrics = current_app.extensions["deploykit.metrics"]
-    metrics.queue_time.labels(entry.name).observe(result.queue_s)
+    metrics.observe_queue(entry.name, result.queue_s)
     outputs = dict(zip(predictor.output_names, result.outputs, strict=True))
     return _infer_response(entry, header, requested, outputs, card)
 

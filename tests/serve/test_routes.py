@@ -285,8 +285,24 @@ def test_failed_self_test_is_not_ready(
 
 
 def test_metrics_after_traffic(client: FlaskClient, shapes_images: list[Path]) -> None:
-    client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
+    def count(series: str) -> float:
+        for line in client.get("/metrics").get_data(as_text=True).splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    ok = 'deploykit_requests_total{method="POST",model="shapes",route="/predict",status="200"}'
+    before = count(ok)
+    for _ in range(2):
+        client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
+    assert count(ok) == before + 2
+    # in flight: only the /metrics request that reads it (every earlier request was counted out again)
+    assert count("deploykit_requests_in_flight") == 1.0
+    # a method token of the client's choosing is counted as "other", not as a new series
+    assert client.open("/predict", method="BREW").status_code == 405
+    assert count('deploykit_requests_total{method="other",model="",route="unmatched",status="405"}') >= 1
     text = client.get("/metrics").get_data(as_text=True)
+    assert "BREW" not in text
     for series in (
         "deploykit_requests_total",
         "deploykit_request_duration_seconds_bucket",
@@ -296,7 +312,7 @@ def test_metrics_after_traffic(client: FlaskClient, shapes_images: list[Path]) -
         "deploykit_requests_in_flight",
     ):
         assert series in text, series
-    assert 'deploykit_requests_total{method="POST",model="shapes",route="/predict",status="200"}' in text
+    assert ok in text
 
 
 def test_draining_reports_not_ready(app: Flask, client: FlaskClient) -> None:

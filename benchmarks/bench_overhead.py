@@ -173,20 +173,29 @@ def main(argv: list[str] | None = None) -> int:
         def in_process(session: Predictor) -> Callable[[], object]:
             return lambda: session.predict(preprocess(decode_image(data), session.card.preprocess)[None], 5)
 
-        starters: dict[str, Callable[[], ServerProcess]] = {}
-        if not (args.skip_apps or args.multipart):
+        # system -> (start it, the body and content type to post). The apps take the raw JPEG only; with
+        # --multipart the deploykit servers get what bench_serve sends.
+        raw = (data, "image/jpeg")
+        served = multipart_body(data, "photo.jpg") if args.multipart else raw
+        with_apps = not (args.skip_apps or args.multipart)
+        starters: dict[str, tuple[Callable[[], ServerProcess], tuple[bytes, str]]] = {}
+        if with_apps:
             for system, app in (("gunicorn + bare WSGI", "raw_app"), ("gunicorn + Flask", "flask_app")):
-                starters[system] = lambda a=app: start_app("gunicorn", a, model, workdir, data, args.worker)
-        body, content_type = (data, "image/jpeg")
-        if args.multipart:  # what bench_serve sends (the deploykit servers only: the apps take a raw body)
-            body, content_type = multipart_body(data, "photo.jpg")
-        starters["deploykit serve"] = lambda: start_deploykit(model, workdir, [], body, content_type)
-        for variant in args.variant:
+                starters[system] = (
+                    lambda a=app: start_app("gunicorn", a, model, workdir, data, args.worker),
+                    raw,
+                )
+        for variant in ["", *args.variant]:
             extra = shlex.split(variant)
-            starters[f"deploykit serve {variant}"] = lambda x=extra: start_deploykit(model, workdir, x, body,
-                                                                                      content_type)
-        if args.granian and not (args.skip_apps or args.multipart):
-            starters["granian + Flask"] = lambda: start_app("granian", "flask_app", model, workdir, data)
+            starters[f"deploykit serve {variant}".strip()] = (
+                lambda x=extra: start_deploykit(model, workdir, x, *served),
+                served,
+            )
+        if args.granian and with_apps:
+            starters["granian + Flask"] = (
+                lambda: start_app("granian", "flask_app", model, workdir, data),
+                raw,
+            )
         servers: list[ServerProcess] = []
         calls: list[tuple[str, Callable[[], object]]] = [
             # the default session first: its threads spin on for a while after its last call
@@ -195,14 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         try:
             for _copy in range(args.copies):
-                for system, start in starters.items():
+                for system, (start, (body, content_type)) in starters.items():
                     server = start()
                     servers.append(server)
                     port = int(server.url.rsplit(":", 1)[1])
-                    if system.startswith("deploykit"):
-                        client = RawClient("127.0.0.1", port, "/predict", body, content_type)
-                    else:
-                        client = RawClient("127.0.0.1", port, "/predict", data, "image/jpeg")
+                    client = RawClient("127.0.0.1", port, "/predict", body, content_type)
                     calls.append((system, kept_alive(client)))
             print(
                 f"Model {model.name}, {len(data):,}-byte JPEG, {args.rounds} rounds of {args.block} "

@@ -3,7 +3,7 @@
 Request threads (gunicorn gthread handlers) preprocess their images, then :meth:`Batcher.submit` the arrays.
 A request that finds the model idle (no call running, nothing queued, no other request on its way) runs its
 call in its own thread at once, so a lone client pays no hand-off to a batcher thread and back (two thread
-wake-ups: about 0.25 ms per request on a 2-core VM, docs/benchmarks.md). Any other request is queued and
+wake-ups: 0.07 to 0.26 ms per request on a 2-core VM, docs/benchmarks.md). Any other request is queued and
 waits. The batcher thread takes the oldest request, adds queued ones while they fit in ``max_batch_size``
 rows, and waits up to ``max_delay`` for more only while other requests are known to be on their way
 (``incoming``), so a lone client never pays the batching delay. With ``instances`` > 1 (Triton's instance

@@ -225,3 +225,16 @@ class ServerProcess:
 def python() -> str:
     """The interpreter running the benchmark, so subprocesses use the same environment."""
     return sys.executable
+
+
+def model_or_resnet18(model: Path | None, workdir: Path) -> Path:
+    """``model``, or resnet18 with random weights exported into ``workdir``.
+
+    The export runs in a subprocess, so that torch is never loaded into the process that measures."""
+    if model is not None:
+        return model
+    print("Exporting resnet18 (random weights) ...", flush=True)
+    path = workdir / "resnet18.onnx"
+    export = ["export", "resnet18", "--weights", "none", "--output", str(path)]
+    subprocess.run([python(), "-m", "deploykit", *export], check=True, stdout=subprocess.DEVNULL)
+    return path

@@ -37,7 +37,6 @@ import http.client
 import importlib.util
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ServerProcess, format_table, free_port, machine_info, python, sample_photo  # noqa: E402
+from _common import (  # noqa: E402
+    ServerProcess,
+    format_table,
+    free_port,
+    machine_info,
+    model_or_resnet18,
+    python,
+    sample_photo,
+)
 from bench_serve import RawClient, multipart_body, start_deploykit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -152,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="deploykit-overhead-") as tmp:
         workdir = Path(tmp)
-        model = args.model
-        if model is None:
-            print("Exporting resnet18 (random weights) ...", flush=True)
-            model = workdir / "resnet18.onnx"
-            export = ["export", "resnet18", "--weights", "none", "--output", str(model)]
-            subprocess.run([python(), "-m", "deploykit", *export], check=True, stdout=subprocess.DEVNULL)
+        model = model_or_resnet18(args.model, workdir)
 
         from deploykit.images import decode_image, preprocess
         from deploykit.runtime import Predictor, SessionOptions

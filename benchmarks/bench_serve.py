@@ -62,6 +62,7 @@ from _common import (  # noqa: E402 - the scripts folder is not a package
     format_table,
     free_port,
     machine_info,
+    model_or_resnet18,
     python,
     sample_photo,
     summarize,
@@ -413,13 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
         workdir = Path(tmp)
-        model = args.model
-        if model is None:
-            # In a subprocess, so that torch is never loaded into the process that measures the ceiling.
-            print("Exporting resnet18 (random weights) ...", flush=True)
-            model = workdir / "resnet18.onnx"
-            export = ["export", "resnet18", "--weights", "none", "--output", str(model)]
-            subprocess.run([python(), "-m", "deploykit", *export], check=True, stdout=subprocess.DEVNULL)
+        model = model_or_resnet18(args.model, workdir)
         print(f"Model {model}, image {photo.name} ({len(data):,} bytes), client {args.client}, "
               f"{args.duration:g} s per cell after {args.warmup:g} s warm-up", flush=True)
 

@@ -22,7 +22,6 @@ import json
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ServerProcess, format_table, free_port, machine_info, python, sample_photo  # noqa: E402
+from _common import (  # noqa: E402
+    ServerProcess,
+    format_table,
+    free_port,
+    machine_info,
+    model_or_resnet18,
+    python,
+    sample_photo,
+)
 from bench_serve import RawClient, http_ok, multipart_body  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -134,12 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     traced: dict[str, list[list[dict[str, int]]]] = {name: [] for name in systems}
     with tempfile.TemporaryDirectory(prefix="deploykit-trace-") as tmp:
         workdir = Path(tmp)
-        model = args.model
-        if model is None:
-            print("Exporting resnet18 (random weights) ...", flush=True)
-            model = workdir / "resnet18.onnx"
-            export = ["export", "resnet18", "--weights", "none", "--output", str(model)]
-            subprocess.run([python(), "-m", "deploykit", *export], check=True, stdout=subprocess.DEVNULL)
+        model = model_or_resnet18(args.model, workdir)
         names = list(systems)
         for round_ in range(args.rounds):
             shift = round_ % len(names)

@@ -35,7 +35,7 @@ def serve(
     ),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests queued per model before answering 503."),
     request_timeout: float = typer.Option(
-        30.0, "--request-timeout", help="Seconds a request may wait for the model when it is busy (504)."
+        30.0, "--request-timeout", help="Seconds a request may wait (504)."
     ),
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="Largest request body in MB (413)."),
     graceful_timeout: float = typer.Option(

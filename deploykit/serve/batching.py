@@ -1,18 +1,15 @@
 """Dynamic batching: one thread per model groups concurrent requests into one ONNX Runtime call.
 
-Request threads (gunicorn gthread handlers) preprocess their images, then :meth:`Batcher.submit` the arrays.
-A request that finds the model idle (no call running, nothing queued, no other request on its way) runs its
-call in its own thread at once, so a lone client pays no hand-off to a batcher thread and back (two thread
-wake-ups: 0.07 to 0.26 ms per request on a 2-core VM, docs/benchmarks.md). Any other request is queued and
-waits. The batcher thread takes the oldest request, adds queued ones while they fit in ``max_batch_size``
+Request threads (gunicorn gthread handlers) preprocess their images, then :meth:`Batcher.submit` the arrays
+and wait. The batcher thread takes the oldest request, adds queued ones while they fit in ``max_batch_size``
 rows, and waits up to ``max_delay`` for more only while other requests are known to be on their way
 (``incoming``), so a lone client never pays the batching delay. With ``instances`` > 1 (Triton's instance
 count) that many batcher threads take batches from the same queue and run them at the same time on the one
-ONNX Runtime session (``run`` is thread-safe), never more than ``instances`` calls in all: requests run side
-by side while an instance is free, and are batched once every instance is busy. With a ``solo_run`` (on CPU,
-a session with more threads), a call that starts while nothing else is running, queued or on its way takes
-it: a lone request gets every core, requests side by side get an instance each. The queue is bounded: a full
-queue raises :class:`QueueFull` at once (503 + Retry-After) instead of growing without limit.
+ONNX Runtime session (``run`` is thread-safe): requests run side by side while an instance is free, and are
+batched once every instance is busy. With a ``solo_run`` (on CPU, a session with more threads), a call that
+starts while nothing else is running, queued or on its way takes it: a lone request gets every core, requests
+side by side get an instance each. The queue is bounded: a full queue raises :class:`QueueFull` at once
+(503 + Retry-After) instead of growing without limit.
 """
 
 from __future__ import annotations
@@ -107,8 +104,7 @@ class Batcher:
         max_queue: most requests waiting; more raise ``QueueFull``.
         static_batch: the model's fixed batch size, or None when the batch axis is dynamic. A static-batch
             model runs one request at a time, split into chunks of that size and padded.
-        instances: ONNX Runtime calls in flight at once (one batcher thread each; a call run in a request's
-            own thread counts as one of them).
+        instances: ONNX Runtime calls in flight at once (one batcher thread each).
         on_batch: called with (rows, inference seconds, whether ``solo_run`` ran it) after each call, for
             metrics.
         solo_run: used instead of ``run`` for a call that starts while no other call runs and no other
@@ -171,14 +167,10 @@ class Batcher:
                     self._cond.notify_all()
 
     def submit(self, array: np.ndarray, timeout: float, ticket: Ticket | None = None) -> BatchResult:
-        """The outputs for ``array`` (batch axis first).
+        """Queue ``array`` (batch axis first), wait for its outputs at most ``timeout`` seconds.
 
-        When the model is idle (no call running, nothing queued, no other request on its way) the call runs
-        at once in this thread, with ``solo_run`` when there is one, and is not cut short. Otherwise ``array``
-        is queued and its outputs are awaited at most ``timeout`` seconds.
-
-        Raises ``QueueFull`` when the queue is full or the batcher is stopping, ``RequestTimeout`` when a
-        queued request's outputs are not ready in time; re-raises an inference error.
+        Raises ``QueueFull`` when the queue is full or the batcher is stopping, ``RequestTimeout`` when the
+        outputs are not ready in time; re-raises an inference error.
         """
         now = time.monotonic()
         item = _Item(array, int(array.shape[0]), now, now + timeout, threading.Event())
@@ -188,22 +180,15 @@ class Batcher:
                 self._incoming -= 1
             if self._closed:
                 raise QueueFull(f"Model {self.name!r} is shutting down.", retry_after=5)
-            here = self._running == 0 and not self._pending and self._incoming <= 0
-            if here:
-                self._running += 1
-            else:
-                if len(self._pending) >= self.max_queue:
-                    raise QueueFull(
-                        f"Model {self.name!r} is overloaded ({self.max_queue} requests queued); retry later."
-                    )
-                self._pending.append(item)
-                # One waiter is enough: either idle instances wait (any one may take it), or the one
-                # instance that is forming a batch does (the last free one), never both.
-                self._cond.notify()
-        if here:
-            item.picked = now
-            self._run([item], solo=self.solo_run_fn is not None, here=True)
-        elif not item.event.wait(timeout):
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(
+                    f"Model {self.name!r} is overloaded ({self.max_queue} requests queued); retry later."
+                )
+            self._pending.append(item)
+            # One waiter is enough: either idle instances wait (any one may take it), or the one instance
+            # that is forming a batch does (the last free one), never both.
+            self._cond.notify()
+        if not item.event.wait(timeout):
             with self._cond:
                 if item.event.is_set():
                     pass  # finished between the timeout and the lock
@@ -231,9 +216,8 @@ class Batcher:
     def _take_batch(self) -> tuple[list[_Item], bool] | None:
         """The next batch, and whether it runs solo; it counts as running until :meth:`_done`."""
         with self._cond:
-            # a call run in a request's own thread holds an instance too
-            while not self._pending or self._running >= len(self._threads):
-                if self._closed and not self._pending:
+            while not self._pending:
+                if self._closed:
                     return None
                 self._cond.wait()
             batch = [self._pending.popleft()]
@@ -257,11 +241,9 @@ class Batcher:
             self._running += 1
             return batch, alone and self.solo_run_fn is not None
 
-    def _done(self, here: bool) -> None:
+    def _done(self) -> None:
         with self._cond:
             self._running -= 1
-            if here and self._pending:  # requests queued behind a call in a request thread: wake an instance
-                self._cond.notify()
 
     def _loop(self) -> None:
         while True:
@@ -285,12 +267,11 @@ class Batcher:
             if live:
                 self._run(live, solo)
             else:
-                self._done(here=False)
+                self._done()
 
-    def _run(self, batch: list[_Item], solo: bool, *, here: bool = False) -> None:
-        """Run ``batch`` and answer its requests (``here``: in the thread of its one request). The call stops
-        counting as running before they wake, so that a client's next request (closed loop) finds the
-        batcher idle."""
+    def _run(self, batch: list[_Item], solo: bool) -> None:
+        """Run ``batch`` and answer its requests. The call stops counting as running before they wake, so
+        that a client's next request (closed loop) finds the batcher idle."""
         run = self.solo_run_fn if solo and self.solo_run_fn is not None else self.run_fn
         try:
             start = time.perf_counter()
@@ -302,12 +283,12 @@ class Batcher:
                 outputs = run(np.concatenate([item.array for item in batch]))
             elapsed = time.perf_counter() - start
         except Exception as exc:  # handed to every waiting request thread, which logs it once as a 500
-            self._done(here)
+            self._done()
             for item in batch:
                 item.error = exc
                 item.event.set()
             return
-        self._done(here)
+        self._done()
         rows = sum(item.rows for item in batch)
         offset = 0
         for item in batch:

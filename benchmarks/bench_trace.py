@@ -4,8 +4,9 @@ One client posts the same image to ``POST /predict`` back to back on a kept-aliv
 multipart upload, or the raw JPEG with ``--raw``), and ``trace_server.py`` stamps each stage of every request
 in the server with the same clock. The table gives the median time of each stage, and the **overhead**: the
 whole round trip less the two things the in-process ceiling also does (decode + preprocess, and the ONNX
-Runtime call). That figure is steady where throughput ratios are not, because the inference time, which
-drifts by a millisecond between runs on a shared machine, is taken out of it.
+Runtime call). That figure is steadier than throughput ratios, because the inference time, which differs by
+tenths of a millisecond between two processes of the same server, is taken out of it; but a change can move
+the inference too, so the round trip and the inference of each round are printed beside it.
 
 Each ``--variant ARGS`` is one more server measured in the same rounds (leading ``NAME=value`` words go to
 its environment, e.g. ``--variant PYTHONPATH=/tmp/old-checkout`` for another checkout); rounds alternate the

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -225,6 +226,13 @@ class ServerProcess:
 def python() -> str:
     """The interpreter running the benchmark, so subprocesses use the same environment."""
     return sys.executable
+
+
+def split_env(words: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """A variant's words as (environment, arguments): ``NAME=value`` words with an upper-case name go to the
+    environment, the others are arguments."""
+    env = dict(word.split("=", 1) for word in words if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", word))
+    return env, [word for word in words if word.split("=", 1)[0] not in env]
 
 
 def model_or_resnet18(model: Path | None, workdir: Path) -> Path:

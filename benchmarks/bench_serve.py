@@ -37,7 +37,6 @@ import argparse
 import http.client
 import json
 import os
-import re
 import resource
 import shlex
 import shutil
@@ -65,6 +64,7 @@ from _common import (  # noqa: E402 - the scripts folder is not a package
     model_or_resnet18,
     python,
     sample_photo,
+    split_env,
     summarize,
     write_json,
 )
@@ -319,8 +319,7 @@ def http_ok(url: str) -> bool:
 def start_deploykit(model: Path, workdir: Path, extra: Sequence[str], body: bytes,
                     content_type: str) -> ServerProcess:
     port = free_port()
-    env = dict(arg.split("=", 1) for arg in extra if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", arg))
-    extra = [arg for arg in extra if arg.split("=", 1)[0] not in env]
+    env, extra = split_env(extra)
     cmd = [python(), "-m", "deploykit", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
            *extra]
     server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"serve-{port}.log",

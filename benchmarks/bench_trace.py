@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import statistics
 import sys
@@ -39,6 +38,7 @@ from _common import (  # noqa: E402
     model_or_resnet18,
     python,
     sample_photo,
+    split_env,
 )
 from bench_serve import RawClient, http_ok, multipart_body  # noqa: E402
 
@@ -81,8 +81,7 @@ def requests_of(marks: list[tuple[str, int]], client: list[tuple[int, int]]) -> 
 
 def trace(model: Path, workdir: Path, extra: Sequence[str], body: bytes, content_type: str, *,
           warmup: int, count: int) -> list[dict[str, int]]:
-    env = dict(arg.split("=", 1) for arg in extra if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", arg))
-    args = [arg for arg in extra if arg.split("=", 1)[0] not in env]
+    env, args = split_env(extra)
     port = free_port()
     out = workdir / f"marks-{port}.json"
     cmd = [python(), str(HERE / "trace_server.py"), str(out), str(model), "--host", "127.0.0.1", "--port",

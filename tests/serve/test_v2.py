@@ -1,4 +1,5 @@
-"""The Open Inference Protocol (KServe V2): in-process, and live with NVIDIA's tritonclient unchanged."""
+"""The Open Inference Protocol (KServe V2): in-process, and live with real V2 clients unchanged (NVIDIA's
+tritonclient and KServe's InferenceRESTClient)."""
 
 from __future__ import annotations
 
@@ -296,6 +297,102 @@ def test_tritonclient_errors(triton) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InferenceServerException) as info:
         triton.get_model_metadata("nope")
     assert info.value.status() == "404"
+
+
+# --- live server, KServe's Python client (InferenceRESTClient, asynchronous) -------------------------------
+
+
+def _kserve(url: str, calls):  # type: ignore[no-untyped-def]
+    """Run ``calls(client, url)`` (a coroutine function) with KServe's V2 REST client, then close it."""
+    import asyncio
+
+    from kserve import InferenceRESTClient, RESTConfig
+
+    async def main():  # type: ignore[no-untyped-def]
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
+        try:
+            return await calls(client, url)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def test_kserve_client_health(shapes_server: LiveServer) -> None:
+    async def calls(client, url):  # type: ignore[no-untyped-def]
+        return (
+            await client.is_server_live(url),
+            await client.is_server_ready(url),
+            await client.is_model_ready(url, "shapes"),
+            await client.is_model_ready(url, "nope"),
+        )
+
+    assert _kserve(shapes_server.url, calls) == (True, True, True, False)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_kserve_client_infer(
+    shapes_server: LiveServer, batch: np.ndarray, predictor: Predictor, binary: bool
+) -> None:
+    from kserve import InferInput, InferRequest
+    from kserve.protocol.infer_type import RequestedOutput
+
+    inp = InferInput("input", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch, binary_data=binary)
+    # binary: the request goes out as application/octet-stream with Inference-Header-Content-Length, and the
+    # output is asked for as binary data too
+    outputs = [RequestedOutput("logits", parameters={"binary_data": True})] if binary else None
+    request = InferRequest(model_name="shapes", infer_inputs=[inp], request_id="k1", request_outputs=outputs)
+
+    async def calls(client, url):  # type: ignore[no-untyped-def]
+        return await client.infer(url, request, model_name="shapes")
+
+    response = _kserve(shapes_server.url, calls)
+    assert response.id == "k1"
+    assert [o.name for o in response.outputs] == ["logits"]
+    logits = response.outputs[0].as_numpy()
+    assert logits.shape == (3, 6)
+    np.testing.assert_allclose(logits, predictor.run(batch)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_kserve_client_classification(
+    shapes_server: LiveServer, batch: np.ndarray, shapes_images: list[Path]
+) -> None:
+    from kserve import InferInput, InferRequest
+    from kserve.protocol.infer_type import RequestedOutput
+
+    inp = InferInput("input", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch, binary_data=True)
+    outputs = [RequestedOutput("logits", parameters={"classification": 2})]
+    request = InferRequest(model_name="shapes", infer_inputs=[inp], request_outputs=outputs)
+
+    async def calls(client, url):  # type: ignore[no-untyped-def]
+        return await client.infer(url, request, model_name="shapes")
+
+    classes = _kserve(shapes_server.url, calls).outputs[0].as_numpy()
+    assert classes.shape == (3, 2)
+    entries = [[str(item).split(":") for item in row] for row in classes]
+    assert [row[0][2] for row in entries] == [label_of(p) for p in shapes_images[:3]]
+    assert all(float(row[0][0]) >= float(row[1][0]) for row in entries)
+
+
+def test_kserve_client_error(shapes_server: LiveServer) -> None:
+    import httpx
+    from kserve import InferInput, InferRequest
+
+    inp = InferInput("input", [1, 3, 32, 32], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+    request = InferRequest(model_name="shapes", infer_inputs=[inp])
+
+    async def calls(client, url):  # type: ignore[no-untyped-def]
+        return await client.infer(url, request, model_name="shapes")
+
+    with pytest.raises(httpx.HTTPStatusError) as info:
+        _kserve(shapes_server.url, calls)
+    assert info.value.response.status_code == 400
+    message = info.value.response.json()["error"]
+    assert "'input'" in message
+    assert "[-1, 3, 64, 64]" in message
 
 
 def test_v2_and_rest_agree(

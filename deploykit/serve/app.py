@@ -7,6 +7,7 @@ else is logged with its traceback and answered with a generic JSON 500 (no excep
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import time
@@ -52,13 +53,24 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
 def read_body(*, cache: bool = False) -> bytes:
     """The request body; 413 when it is over ``--max-body-mb``.
 
-    Werkzeug answers 413 itself for a declared Content-Length over the limit, but stops a chunked body at the
-    limit without an error; a body that reached the limit is refused here instead of being used cut short
-    (so a chunked body of exactly the limit is refused too: what follows it cannot be told apart).
+    A declared Content-Length over the limit is refused before anything is read. Werkzeug stops a chunked
+    body at the limit without an error; a body that reached the limit is refused here instead of being used
+    cut short (so a chunked body of exactly the limit is refused too: what follows it cannot be told apart).
     """
-    body = request.get_data(cache=cache, parse_form_data=False)
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    if limit is not None and request.content_length is None and len(body) >= limit:
+    length = request.content_length
+    environ = request.environ
+    if length is not None and environ.get("wsgi.input_terminated"):
+        # The server (gunicorn) ends the input at Content-Length: read it in one call. Werkzeug's stream
+        # would read it in 64 kB steps, copying each step three times. The input is then replaced by the
+        # bytes read, so that Werkzeug's own parsers (the multipart fallback) can still read the body.
+        if limit is not None and length > limit:
+            raise RequestEntityTooLarge()
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        return body
+    body = request.get_data(cache=cache, parse_form_data=False)
+    if limit is not None and length is None and len(body) >= limit:
         raise RequestEntityTooLarge()
     return body
 

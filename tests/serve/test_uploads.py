@@ -326,15 +326,55 @@ def _fallback_bodies() -> Iterator[Any]:
         yield pytest.param(build, id=build.__name__)
 
 
+class RecordedInput(io.BytesIO):
+    """A request body that records the size of each read asked of it."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(body)
+        self.reads: list[int | None] = []
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads.append(size)
+        return super().read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        self.reads.append(len(buffer))
+        return super().readinto(buffer)
+
+
+def post_terminated(client: FlaskClient, path: str, body: bytes, content_type: str) -> TestResponse:
+    """POST ``body`` the way gunicorn hands it over: its Content-Length and ``wsgi.input_terminated`` set, so
+    that ``read_body`` reads the input in one call (and puts the bytes back for Werkzeug's parsers)."""
+    environ = EnvironBuilder(path=path, method="POST", data=body, content_type=content_type).get_environ()
+    environ["CONTENT_LENGTH"] = str(len(body))  # EnvironBuilder leaves it out for an empty body
+    environ["wsgi.input_terminated"] = True
+    environ["wsgi.input"] = stream = RecordedInput(body)
+    response = client.open(Request(environ))
+    if 0 < len(body) <= 2 * MB:
+        assert stream.reads == [len(body)]  # one read of the whole body, nothing else
+    else:
+        assert stream.reads == []  # empty, or refused for its declared length before any read
+    return response
+
+
+def post_werkzeug(client: FlaskClient, path: str, body: bytes, content_type: str) -> TestResponse:
+    """POST ``body`` as the Flask test client does (no ``wsgi.input_terminated``): Werkzeug reads it."""
+    return client.post(path, data=body, content_type=content_type)
+
+
+POSTS = [pytest.param(post_werkzeug, id="werkzeug-stream"), pytest.param(post_terminated, id="one-read")]
+
+
+@pytest.mark.parametrize("post", POSTS)
 @pytest.mark.parametrize("build", list(_fallback_bodies()))
 def test_declined_bodies_are_served_by_werkzeug(
-    client: FlaskClient, shapes_images: list[Path], build: Build
+    client: FlaskClient, shapes_images: list[Path], build: Build, post: Callable[..., TestResponse]
 ) -> None:
     for path in shapes_images[::3]:
         headers = disposition(filename=path.name) + b"\r\nContent-Type: image/jpeg"
         body = build(headers, path.read_bytes())
         assert parse_files(body, BOUNDARY) is None  # so this request goes through the fallback
-        r = client.post("/predict", data=body, content_type=MULTIPART)
+        r = post(client, "/predict", body, MULTIPART)
         assert r.status_code == 200, r.json
         [pred] = r.json["predictions"]
         assert (pred["filename"], pred["label"]) == (path.name, label_of(path))
@@ -409,6 +449,35 @@ def test_chunked_body_over_the_limit_is_413(
     assert r.status_code == 413, r.get_data()
     assert r.mimetype == "application/json"
     assert r.json == {"error": "The request body is larger than the server's limit of 2 MB (--max-body-mb)."}
+
+
+@pytest.mark.parametrize("post", POSTS)
+def test_declared_length_over_the_limit_is_413(
+    client: FlaskClient, post: Callable[..., TestResponse]
+) -> None:
+    r = post(client, "/predict", b"\xff\xd8" + b"\xff" * (3 * MB), "image/jpeg")
+    assert r.status_code == 413, r.get_data()
+    assert r.json == {"error": "The request body is larger than the server's limit of 2 MB (--max-body-mb)."}
+
+
+@pytest.mark.parametrize("post", POSTS)
+def test_every_body_shape_is_read_whole(
+    client: FlaskClient, shapes_images: list[Path], post: Callable[..., TestResponse]
+) -> None:
+    for path in shapes_images[:3]:
+        data = path.read_bytes()
+        bodies = [
+            ("image/jpeg", data),
+            (MULTIPART, by_hand((disposition(filename=path.name), data))),
+            ("application/json", json.dumps({"image": base64.b64encode(data).decode()}).encode()),
+        ]
+        for content_type, body in bodies:
+            r = post(client, "/predict", body, content_type)
+            assert r.status_code == 200, (content_type, r.json)
+            assert r.json["predictions"][0]["label"] == label_of(path), content_type
+    empty = post(client, "/predict", b"", "image/jpeg")
+    assert empty.status_code == 400
+    assert "no image" in empty.json["error"]
 
 
 def test_chunked_body_under_the_limit_is_served(client: FlaskClient, shapes_images: list[Path]) -> None:

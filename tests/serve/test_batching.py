@@ -110,7 +110,9 @@ def test_a_queued_request_times_out(predictor: Predictor) -> None:
         assert running.wait(5)
         # queued behind it; the later one times out first, and leaves a queue that still holds the other
         queued = [pool.submit(batcher.submit, _inputs(1), 0.5)]
+        deadline = time.monotonic() + 10
         while batcher.queued < 1:
+            assert time.monotonic() < deadline, "the request should queue behind the held call"
             threading.Event().wait(0.01)
         queued.append(pool.submit(batcher.submit, _inputs(1), 0.05))
         for future in queued[::-1]:

@@ -318,6 +318,15 @@ def _kserve(url: str, calls):  # type: ignore[no-untyped-def]
     return asyncio.run(main())
 
 
+def _kserve_infer(url: str, request):  # type: ignore[no-untyped-def]
+    """KServe's client's answer to ``request`` (an ``InferRequest``) for the shapes model."""
+
+    async def calls(client, url):  # type: ignore[no-untyped-def]
+        return await client.infer(url, request, model_name="shapes")
+
+    return _kserve(url, calls)
+
+
 def test_kserve_client_health(shapes_server: LiveServer) -> None:
     async def calls(client, url):  # type: ignore[no-untyped-def]
         return (
@@ -344,10 +353,7 @@ def test_kserve_client_infer(
     outputs = [RequestedOutput("logits", parameters={"binary_data": True})] if binary else None
     request = InferRequest(model_name="shapes", infer_inputs=[inp], request_id="k1", request_outputs=outputs)
 
-    async def calls(client, url):  # type: ignore[no-untyped-def]
-        return await client.infer(url, request, model_name="shapes")
-
-    response = _kserve(shapes_server.url, calls)
+    response = _kserve_infer(shapes_server.url, request)
     assert response.id == "k1"
     assert [o.name for o in response.outputs] == ["logits"]
     logits = response.outputs[0].as_numpy()
@@ -366,10 +372,7 @@ def test_kserve_client_classification(
     outputs = [RequestedOutput("logits", parameters={"classification": 2})]
     request = InferRequest(model_name="shapes", infer_inputs=[inp], request_outputs=outputs)
 
-    async def calls(client, url):  # type: ignore[no-untyped-def]
-        return await client.infer(url, request, model_name="shapes")
-
-    classes = _kserve(shapes_server.url, calls).outputs[0].as_numpy()
+    classes = _kserve_infer(shapes_server.url, request).outputs[0].as_numpy()
     assert classes.shape == (3, 2)
     entries = [[str(item).split(":") for item in row] for row in classes]
     assert [row[0][2] for row in entries] == [label_of(p) for p in shapes_images[:3]]
@@ -384,11 +387,8 @@ def test_kserve_client_error(shapes_server: LiveServer) -> None:
     inp.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
     request = InferRequest(model_name="shapes", infer_inputs=[inp])
 
-    async def calls(client, url):  # type: ignore[no-untyped-def]
-        return await client.infer(url, request, model_name="shapes")
-
     with pytest.raises(httpx.HTTPStatusError) as info:
-        _kserve(shapes_server.url, calls)
+        _kserve_infer(shapes_server.url, request)
     assert info.value.response.status_code == 400
     message = info.value.response.json()["error"]
     assert "'input'" in message

@@ -72,7 +72,8 @@ def install(out: Path) -> None:
     around(gthread.ThreadWorker, "handle_request", "parsed", "done")
     around(gunicorn_wsgi.util, "write", None, "sent")  # gunicorn's Response writes through util.write
     around(routes, "read_images", None, "read")
-    around(routes, "json_response", None, "answer")
+    # the JSON answer: json_bytes since the predict routes run in front of Flask, json_response before
+    around(routes, "json_bytes" if hasattr(routes, "json_bytes") else "json_response", None, "answer")
     around(batching.Batcher, "submit", "submit", "result")
 
     batcher_init = batching.Batcher.__init__

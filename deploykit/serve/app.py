@@ -1,7 +1,14 @@
-"""The Flask app factory: ``create_app(config)``.
+"""The Flask app factory: ``create_app(config)``, and what every route shares.
 
-Error boundary: known HTTP errors are re-raised as JSON ``{"error": ...}``, user errors answer 4xx, anything
-else is logged with its traceback and answered with a generic JSON 500 (no exception text, no paths).
+The routes that run at request rate (``POST /predict``, ``POST /models/<name>/predict``) are answered as plain
+WSGI in front of Flask (:class:`_Front`): Flask's request context, routing and response objects cost about
+0.4 ms per request when they run with caches that an inference has just emptied (docs/benchmarks.md). Their
+URL rules stay in Flask, without a view, so that other methods get Flask's 405 and CORS preflights their
+OPTIONS answer. Both kinds of route share one error boundary (:func:`error_answer`), the API key check, CORS
+headers and the request metrics.
+
+Error boundary: HTTP errors answer as JSON ``{"error": ...}``, user errors answer 4xx, anything else is
+logged with its traceback and answered with a generic JSON 500 (no exception text, no paths).
 """
 
 from __future__ import annotations
@@ -10,14 +17,16 @@ import hmac
 import io
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, current_app, request, send_from_directory
+from flask import Flask, Response, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-from werkzeug.wrappers import Response as WerkzeugResponse
+from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.wrappers import Request
 
 from deploykit.errors import DeployKitError
 from deploykit.images import InvalidImageError
@@ -33,33 +42,40 @@ EXTENSION = "deploykit"
 START_KEY = "deploykit.start"  # WSGI environ key: perf_counter() when the request reached the app
 # Open without an API key: health for load balancers, metrics for Prometheus, the web page.
 OPEN_ENDPOINTS = frozenset({"v2.live", "v2.ready", "metrics", "index", "static"})
+INTERNAL_ERROR = "Internal server error; the server log has the details."
+CORS_ALLOW_HEADERS = "Authorization, X-API-Key, Content-Type, Inference-Header-Content-Length"
+CORS_EXPOSE_HEADERS = "Inference-Header-Content-Length, Retry-After"
 PLACEHOLDER_PAGE = (
     "<!doctype html><html><head><meta charset='utf-8'><title>deploykit</title></head>"
     "<body><h1>deploykit</h1><p>POST an image to <code>/predict</code>.</p></body></html>"
 )
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON answer without Flask's jsonify overhead (no pretty-printing, no sorting)."""
-    return Response(
-        json.dumps(data, separators=(",", ":")), status=status, headers=headers, mimetype="application/json"
-    )
+def json_bytes(data: Any) -> bytes:
+    """Compact JSON (no pretty-printing, no sorting), as every answer of the server is written."""
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
-def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON answer without Flask's jsonify overhead."""
+    return Response(json_bytes(data), status=status, headers=headers, mimetype="application/json")
+
+
+def error_response(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
     return json_response({"error": message}, status, headers)
 
 
-def read_body(*, cache: bool = False) -> bytes:
-    """The request body; 413 when it is over ``--max-body-mb``.
+def read_body(req: Request, *, cache: bool = False) -> bytes:
+    """The request body; 413 when it is over ``--max-body-mb`` (``req.max_content_length``).
 
-    A declared Content-Length over the limit is refused before anything is read. Werkzeug stops a chunked
-    body at the limit without an error; a body that reached the limit is refused here instead of being used
-    cut short (so a chunked body of exactly the limit is refused too: what follows it cannot be told apart).
+    ``req`` is Flask's request or a hot route's plain Werkzeug request. A declared Content-Length over the
+    limit is refused before anything is read. Werkzeug stops a chunked body at the limit without an error; a
+    body that reached the limit is refused here instead of being used cut short (so a chunked body of exactly
+    the limit is refused too: what follows it cannot be told apart).
     """
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    length = request.content_length
-    environ = request.environ
+    limit = req.max_content_length
+    length = req.content_length
+    environ = req.environ
     if length is not None and environ.get("wsgi.input_terminated"):
         # The server (gunicorn) ends the input at Content-Length: read it in one call. Werkzeug's stream
         # would read it in 64 kB steps, copying each step three times. The input is then replaced by the
@@ -69,10 +85,74 @@ def read_body(*, cache: bool = False) -> bytes:
         body = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
         return body
-    body = request.get_data(cache=cache, parse_form_data=False)
+    body = req.get_data(cache=cache, parse_form_data=False)
     if limit is not None and length is None and len(body) >= limit:
         raise RequestEntityTooLarge()
     return body
+
+
+def check_api_key(req: Request, keys: list[bytes]) -> None:
+    """Raise a 401 ``ServeError`` unless ``req`` presents one of ``keys`` (compared in constant time in the
+    key's content: ``compare_digest`` on every configured key)."""
+    auth = req.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        given: str | None = auth[7:].strip()
+    else:
+        key = req.headers.get("X-API-Key")
+        given = key.strip() if key is not None else None
+    if given is None or not any(hmac.compare_digest(given.encode(), key) for key in keys):
+        what = "Missing" if given is None else "Invalid"
+        raise ServeError(
+            f"{what} API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="deploykit"'},
+        )
+
+
+def cors_headers(origin: str | None, allowed: frozenset[str]) -> dict[str, str]:
+    """The CORS headers of an answer to ``origin`` (none unless ``--cors-origin`` allows it)."""
+    if not origin or not allowed or ("*" not in allowed and origin not in allowed):
+        return {}
+    return {
+        "Access-Control-Allow-Origin": "*" if "*" in allowed else origin,
+        "Vary": "Origin",
+        "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
+    }
+
+
+def error_answer(exc: Exception, req: Request) -> tuple[int, str, dict[str, str]]:
+    """The status, message and headers that answer ``exc``: the one error boundary of every route.
+
+    An unexpected exception is logged with its traceback and answered with a generic 500.
+    """
+    if isinstance(exc, ServeError):
+        return exc.status, exc.message, dict(exc.headers)
+    if isinstance(exc, InvalidImageError):
+        return (415 if exc.unsupported else 400), exc.message, {}
+    if isinstance(exc, DeployKitError):
+        return 400, str(exc), {}
+    if isinstance(exc, HTTPException):
+        status = exc.code or 500
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # e.g. 405's Allow
+        return status, _http_message(exc, status, req), headers
+    log.exception("internal error on %s %s", req.method, req.path)
+    return 500, INTERNAL_ERROR, {}
+
+
+def _http_message(exc: HTTPException, status: int, req: Request) -> str:
+    if status == 405:
+        allowed = ", ".join(sorted(m for m in (getattr(exc, "valid_methods", None) or []) if m != "OPTIONS"))
+        return f"Method {req.method} is not allowed on {req.path}; use {allowed or 'another method'}."
+    if status == 413:
+        limit = req.max_content_length or 0
+        length = req.content_length
+        if length is not None and length <= limit and req.mimetype == "multipart/form-data":
+            return f"The multipart form has more than {req.max_form_parts} parts."
+        mb = f"{limit / 1048576:g}"
+        return f"The request body is larger than the server's limit of {mb} MB (--max-body-mb)."
+    return _HTTP_MESSAGES.get(status) or (exc.description or exc.name or "Error").strip().splitlines()[0]
 
 
 def registry_of(app: Flask) -> Registry:
@@ -101,6 +181,9 @@ def create_app(config: ServeConfig) -> Flask:
     app.register_blueprint(v2)
     _install_hooks(app, config, metrics, registry)
     _install_error_handlers(app)
+    from deploykit.serve.routes import HOT_ROUTES
+
+    app.wsgi_app = _Front(app.wsgi_app, config, metrics, registry, HOT_ROUTES)  # type: ignore[method-assign]
 
     @app.get("/")
     def index() -> Response:
@@ -122,44 +205,91 @@ def create_app(config: ServeConfig) -> Flask:
     return app
 
 
-class _InFlight:
-    """WSGI middleware around the Flask app: counts the requests in flight and stamps each with its start
-    time (``START_KEY`` in the environ) for the latency histogram. Cheaper than a pair of Flask hooks."""
+#: A hot route's handler: (request, registry, model name from the path or None) -> the JSON body of its 200
+#: answer. It raises for anything else; :func:`error_answer` answers that.
+HotHandler = Callable[[Request, Registry, "str | None"], bytes]
+#: (path pattern, with a ``name`` group where the path names a model; the rule as Flask names it; handler)
+HotRoute = tuple["re.Pattern[str]", str, HotHandler]
 
-    def __init__(self, wsgi_app: Callable[..., Iterable[bytes]], metrics: Metrics) -> None:
+
+class _Front:
+    """WSGI middleware around the Flask app: stamps each request with its start time (``START_KEY`` in the
+    environ, for the latency histogram), counts the requests in flight, and answers a POST to a hot route
+    itself, with the same API key check, error boundary, CORS headers and metrics as the Flask routes."""
+
+    def __init__(
+        self,
+        wsgi_app: Callable[..., Iterable[bytes]],
+        config: ServeConfig,
+        metrics: Metrics,
+        registry: Registry,
+        routes: list[HotRoute],
+    ) -> None:
         self.wsgi_app = wsgi_app
         self.metrics = metrics
+        self.registry = registry
+        self.routes = routes
+        self.limit = config.max_body_bytes
+        self.api_keys = [config.api_key.encode()] if config.api_key else []
+        self.cors = frozenset(config.cors_origins)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         environ[START_KEY] = time.perf_counter()
         self.metrics.in_flight.inc()
         try:
+            if environ["REQUEST_METHOD"] == "POST":
+                path = environ.get("PATH_INFO", "")
+                for pattern, rule, handler in self.routes:
+                    match = pattern.fullmatch(path)
+                    if match is not None:
+                        name = match.groupdict().get("name")
+                        if name is not None:  # WSGI's latin-1 string of the path's UTF-8 bytes, as Werkzeug
+                            name = name.encode("latin-1").decode(errors="replace")
+                        return self._answer(environ, start_response, rule, handler, name)
             return self.wsgi_app(environ, start_response)
         finally:
             self.metrics.in_flight.dec()
 
+    def _answer(
+        self,
+        environ: dict[str, Any],
+        start_response: Callable[..., Any],
+        rule: str,
+        handler: HotHandler,
+        name: str | None,
+    ) -> list[bytes]:
+        req = Request(environ)
+        req.max_content_length = req.max_form_memory_size = self.limit
+        headers: dict[str, str] = {}
+        try:
+            if self.api_keys:
+                check_api_key(req, self.api_keys)
+            body = handler(req, self.registry, name)
+            status = 200
+        except Exception as exc:
+            status, message, headers = error_answer(exc, req)
+            body = json_bytes({"error": message})
+        headers.update(cors_headers(environ.get("HTTP_ORIGIN"), self.cors))
+        registry = self.registry
+        model = registry.default.name if name is None else name if name in registry.entries else ""
+        self.metrics.observe_request(model, rule, "POST", status, time.perf_counter() - environ[START_KEY])
+        start_response(
+            f"{status} {HTTP_STATUS_CODES.get(status, 'Unknown')}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers.items()],
+        )
+        return [body]
+
 
 def _install_hooks(app: Flask, config: ServeConfig, metrics: Metrics, registry: Registry) -> None:
     api_keys = [config.api_key.encode()] if config.api_key else []
-    cors = set(config.cors_origins)
-    app.wsgi_app = _InFlight(app.wsgi_app, metrics)  # type: ignore[method-assign]
+    cors = frozenset(config.cors_origins)
 
     if api_keys:
 
         @app.before_request
-        def _authorize() -> Response | None:
-            if request.endpoint in OPEN_ENDPOINTS or request.method == "OPTIONS":
-                return None
-            given = _presented_key()
-            # compare_digest on every configured key: constant time in the key's content
-            if given is None or not any(hmac.compare_digest(given.encode(), key) for key in api_keys):
-                what = "Missing" if given is None else "Invalid"
-                return error_response(
-                    f"{what} API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
-                    401,
-                    {"WWW-Authenticate": 'Bearer realm="deploykit"'},
-                )
-            return None
+        def _authorize() -> None:
+            if request.endpoint not in OPEN_ENDPOINTS and request.method != "OPTIONS":
+                check_api_key(request, api_keys)
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -172,72 +302,15 @@ def _install_hooks(app: Flask, config: ServeConfig, metrics: Metrics, registry: 
         elapsed = time.perf_counter() - start if start is not None else None
         metrics.observe_request(model, rule, request.method, response.status_code, elapsed)
         if cors:
-            origin = request.headers.get("Origin")
-            if origin and ("*" in cors or origin in cors):
-                response.headers["Access-Control-Allow-Origin"] = "*" if "*" in cors else origin
-                response.headers["Vary"] = "Origin"
-                response.headers["Access-Control-Allow-Headers"] = (
-                    "Authorization, X-API-Key, Content-Type, Inference-Header-Content-Length"
-                )
-                response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-                response.headers["Access-Control-Expose-Headers"] = (
-                    "Inference-Header-Content-Length, Retry-After"
-                )
+            response.headers.update(cors_headers(request.headers.get("Origin"), cors))
         return response
-
-
-def _presented_key() -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    key = request.headers.get("X-API-Key")
-    return key.strip() if key is not None else None
 
 
 def _install_error_handlers(app: Flask) -> None:
-    @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> WerkzeugResponse:
-        response = exc.get_response()
-        status = exc.code or 500
-        message = (
-            _HTTP_MESSAGES.get(status) or (exc.description or exc.name or "Error").strip().splitlines()[0]
-        )
-        if status == 405:
-            allowed = ", ".join(
-                sorted(m for m in (getattr(exc, "valid_methods", None) or []) if m != "OPTIONS")
-            )
-            use = allowed or "another method"
-            message = f"Method {request.method} is not allowed on {request.path}; use {use}."
-        if status == 413:
-            limit = app.config.get("MAX_CONTENT_LENGTH") or 0
-            length = request.content_length
-            if length is not None and length <= limit and request.mimetype == "multipart/form-data":
-                message = f"The multipart form has more than {request.max_form_parts} parts."
-            else:
-                message = (
-                    f"The request body is larger than the server's limit of {limit / 1048576:g} MB "
-                    "(--max-body-mb)."
-                )
-        response.set_data(json.dumps({"error": message}))
-        response.content_type = "application/json"
-        return response
-
-    @app.errorhandler(ServeError)
-    def _serve(exc: ServeError) -> Response:
-        return error_response(exc.message, exc.status, exc.headers)
-
-    @app.errorhandler(InvalidImageError)
-    def _image(exc: InvalidImageError) -> Response:
-        return error_response(exc.message, 415 if exc.unsupported else 400)
-
-    @app.errorhandler(DeployKitError)
-    def _user(exc: DeployKitError) -> Response:
-        return error_response(str(exc), 400)
-
     @app.errorhandler(Exception)
-    def _bug(exc: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return error_response("Internal server error; the server log has the details.", 500)
+    def _error(exc: Exception) -> Response:
+        status, message, headers = error_answer(exc, request)
+        return error_response(message, status, headers)
 
 
 _HTTP_MESSAGES = {

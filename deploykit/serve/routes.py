@@ -1,7 +1,9 @@
 """The deploykit REST API: ``POST /predict``, ``POST /models/<name>/predict``, ``GET /models[/<name>]``.
 
-Images are decoded and preprocessed in the request thread (images.py, the one implementation); the tensor
-goes through the model's batcher. Answers follow the contract in the brief.
+The two predict routes are hot routes (``HOT_ROUTES``), answered as plain WSGI in front of Flask (see app.py);
+their Flask rules have no view and only give other methods their 405 and CORS preflights their answer. Images
+are decoded and preprocessed in the request thread (images.py, the one implementation); the tensor goes
+through the model's batcher. Answers follow the contract in the brief.
 """
 
 from __future__ import annotations
@@ -9,28 +11,28 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
+from werkzeug.wrappers import Request
 
 from deploykit.images import decode_image, preprocess
 from deploykit.runtime import top_k
-from deploykit.serve.app import json_response, read_body, registry_of
+from deploykit.serve.app import HotRoute, json_bytes, json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
-from deploykit.serve.config import ServeConfig
 from deploykit.serve.multipart import parse_files
-from deploykit.serve.registry import ModelEntry
+from deploykit.serve.registry import ModelEntry, Registry
 
 bp = Blueprint("rest", __name__)
 
 DEFAULT_TOP_K = 5
 
 
-def ready_entry(name: str | None) -> ModelEntry:
+def ready_entry(registry: Registry, name: str | None) -> ModelEntry:
     """The named (or default) model, ready to run; 404 when unknown, 503 while not ready."""
-    registry = registry_of(current_app)
     entry = registry.default if name is None else registry.get(name)
     if entry is None:
         raise ServeError(
@@ -49,13 +51,8 @@ def ready_entry(name: str | None) -> ModelEntry:
     return entry
 
 
-def _config() -> ServeConfig:
-    config: ServeConfig = current_app.extensions["deploykit.config"]
-    return config
-
-
-def _top_k_param(num_classes: int) -> int:
-    raw = request.args.get("top_k")
+def _top_k_param(req: Request, num_classes: int) -> int:
+    raw = req.args.get("top_k") if req.environ.get("QUERY_STRING") else None
     if raw is None:
         return min(DEFAULT_TOP_K, num_classes)
     try:
@@ -76,24 +73,24 @@ def _b64(text: Any, where: str) -> bytes:
         raise ServeError(f"{where} is not valid base64.") from None
 
 
-def read_images() -> list[tuple[str | None, bytes]]:
+def read_images(req: Request) -> list[tuple[str | None, bytes]]:
     """The request's images as (filename, bytes): multipart files, JSON base64 or a raw body."""
-    mimetype = request.mimetype
+    mimetype = req.mimetype
     if mimetype == "multipart/form-data":
         # cached, so that Werkzeug's general parser can take over when the fast one declines
-        body = read_body(cache=True)
-        boundary = request.mimetype_params.get("boundary", "")
-        parts = parse_files(body, boundary, max_parts=request.max_form_parts)
+        body = read_body(req, cache=True)
+        boundary = req.mimetype_params.get("boundary", "")
+        parts = parse_files(body, boundary, max_parts=req.max_form_parts)
         if parts is not None:
             files = [(part.filename, part.data) for part in parts]
         else:
-            files = [(f.filename or None, f.read()) for _field, f in request.files.items(multi=True)]
+            files = [(f.filename or None, f.read()) for _field, f in req.files.items(multi=True)]
         if not files:
             raise ServeError("The multipart form has no file; send the image in the 'file' field.")
         return files
     if mimetype == "application/json" or mimetype.endswith("+json"):
         try:
-            data = json.loads(read_body())
+            data = json.loads(read_body(req))
         except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict) and "image" in data:
@@ -101,7 +98,7 @@ def read_images() -> list[tuple[str | None, bytes]]:
         if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"]:
             return [(None, _b64(item, f"'images'[{i}]")) for i, item in enumerate(data["images"])]
         raise ServeError('The JSON body needs {"image": "<base64>"} or {"images": ["<base64>", ...]}.')
-    body = read_body()
+    body = read_body(req)
     if not body:
         raise ServeError(
             "The request has no image: send a multipart 'file', a raw image body "
@@ -110,18 +107,20 @@ def read_images() -> list[tuple[str | None, bytes]]:
     return [(None, body)]
 
 
-def predict_entry(entry: ModelEntry) -> Response:
-    """Decode, batch, run and answer top-k for every image of the request."""
+def predict_answer(req: Request, registry: Registry, name: str | None) -> bytes:
+    """``POST /predict`` (``name`` None: the default model) and ``POST /models/<name>/predict``: decode,
+    batch, run and answer top-k for every image of the request."""
+    entry = ready_entry(registry, name)
     start = time.perf_counter()
     predictor = entry.predictor
     batcher = entry.batcher
     assert predictor is not None
     assert batcher is not None
     card = predictor.card
-    config = _config()
-    k = _top_k_param(card.num_classes)
+    config = registry.config
+    k = _top_k_param(req, card.num_classes)
     with batcher.incoming() as ticket:
-        uploads = read_images()
+        uploads = read_images(req)
         pp = card.preprocess
         tensors = [
             preprocess(decode_image(data, max_pixels=config.max_image_pixels), pp) for _n, data in uploads
@@ -129,8 +128,7 @@ def predict_entry(entry: ModelEntry) -> Response:
         batch = tensors[0][None] if len(tensors) == 1 else np.stack(tensors)
         decoded = time.perf_counter()
         result = batcher.submit(batch, config.request_timeout, ticket)
-    metrics = current_app.extensions["deploykit.metrics"]
-    metrics.observe_queue(entry.name, result.queue_s)
+    registry.metrics.observe_queue(entry.name, result.queue_s)
     probabilities = predictor.to_probabilities(result.outputs[0])
     predictions = []
     for (filename, _data), row in zip(uploads, top_k(probabilities, k, card.labels), strict=True):
@@ -145,7 +143,7 @@ def predict_entry(entry: ModelEntry) -> Response:
             }
         )
     end = time.perf_counter()
-    return json_response(
+    return json_bytes(
         {
             "model": entry.name,
             "predictions": predictions,
@@ -159,14 +157,13 @@ def predict_entry(entry: ModelEntry) -> Response:
     )
 
 
-@bp.post("/predict")
-def predict() -> Response:
-    return predict_entry(ready_entry(None))
-
-
-@bp.post("/models/<name>/predict")
-def predict_model(name: str) -> Response:
-    return predict_entry(ready_entry(name))
+HOT_ROUTES: list[HotRoute] = [
+    (re.compile("/predict"), "/predict", predict_answer),
+    (re.compile("/models/(?P<name>[^/]+)/predict"), "/models/<name>/predict", predict_answer),
+]
+# The hot routes' rules, without a view: Flask answers their other methods (405, OPTIONS), never a POST.
+bp.add_url_rule("/predict", endpoint="predict", methods=["POST"])
+bp.add_url_rule("/models/<name>/predict", endpoint="predict_model", methods=["POST"])
 
 
 @bp.get("/models")

@@ -170,7 +170,7 @@ def model_config(name: str, version: str | None = None) -> Response:
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
     entry = _entry(name, version)
-    entry = ready_entry(entry.name)
+    entry = ready_entry(registry_of(current_app), entry.name)
     predictor = entry.predictor
     batcher = entry.batcher
     assert predictor is not None
@@ -209,7 +209,7 @@ def _decompressed(body: bytes) -> bytes:
 
 
 def _split_body() -> tuple[dict[str, Any], memoryview]:
-    body = _decompressed(read_body())
+    body = _decompressed(read_body(request))
     raw_length = request.headers.get(HEADER_LENGTH)
     if raw_length is not None:
         try:

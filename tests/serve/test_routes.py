@@ -251,6 +251,59 @@ def test_cors_only_when_configured(shapes_onnx: Path) -> None:
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
 
 
+def test_cors_on_predict_answers_and_errors(shapes_onnx: Path, shapes_images: list[Path]) -> None:
+    """The predict routes answer in front of Flask: their answers carry the same CORS headers."""
+    cors = make_app(("shapes", shapes_onnx), cors_origins=("https://a.example",)).test_client()
+    origin = {"Origin": "https://a.example"}
+    ok = cors.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg", headers=origin)
+    assert ok.status_code == 200
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert "Retry-After" in ok.headers["Access-Control-Expose-Headers"]
+    bad = cors.post("/models/shapes/predict", data=b"not an image", content_type="image/jpeg", headers=origin)
+    assert bad.status_code == 415
+    assert bad.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    other = cors.post(
+        "/predict", data=b"x", content_type="image/jpeg", headers={"Origin": "https://evil.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_internal_error_in_a_predict_route_is_a_generic_json_500(
+    shapes_onnx: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a route answered in front of Flask meets the same error boundary as a Flask view."""
+    import re
+
+    app = make_app(("shapes", shapes_onnx))
+
+    def boom(_req: object, _registry: object, _name: object) -> bytes:
+        raise RuntimeError("secret detail in /home/user/private.py")
+
+    app.wsgi_app.routes.append((re.compile("/boom"), "/boom", boom))  # type: ignore[attr-defined]
+    client = app.test_client()
+    r = client.post("/boom", data=b"x")
+    assert r.status_code == 500
+    assert r.json == {"error": "Internal server error; the server log has the details."}
+    assert "secret" not in r.get_data(as_text=True)
+    assert "secret detail" in caplog.text
+    assert client.get("/v2/health/live").status_code == 200  # still serving
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'deploykit_requests_total{method="POST",model="shapes",route="/boom",status="500"} 1.0' in metrics
+
+
+def test_model_name_outside_ascii_in_the_path(shapes_onnx: Path, shapes_images: list[Path]) -> None:
+    """WSGI hands the path over as latin-1 text of its UTF-8 bytes; the name is decoded as Flask would."""
+    client = make_app(("formes-été", shapes_onnx)).test_client()
+    data = shapes_images[0].read_bytes()
+    r = client.post("/models/formes-%C3%A9t%C3%A9/predict", data=data, content_type="image/jpeg")
+    assert r.status_code == 200, r.json
+    assert r.json["model"] == "formes-été"
+    assert client.get("/models/formes-%C3%A9t%C3%A9").json["name"] == "formes-été"
+    unknown = client.post("/models/%C3%A9t%C3%A9/predict", data=data, content_type="image/jpeg")
+    assert unknown.status_code == 404
+    assert "'été'" in unknown.json["error"]
+
+
 def _tampered_copy(source: Path, target: Path) -> Path:
     """The model with its card's fingerprint values shifted, so the self-test must fail."""
     import onnx

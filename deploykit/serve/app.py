@@ -1,11 +1,12 @@
 """The Flask app factory: ``create_app(config)``, and what every route shares.
 
-The routes that run at request rate (``POST /predict``, ``POST /models/<name>/predict``) are answered as plain
-WSGI in front of Flask (:class:`_Front`): Flask's request context, routing and response objects cost about
-0.4 ms per request when they run with caches that an inference has just emptied (docs/benchmarks.md). Their
-URL rules stay in Flask, without a view, so that other methods get Flask's 405 and CORS preflights their
-OPTIONS answer. Both kinds of route share one error boundary (:func:`error_answer`), the API key check, CORS
-headers and the request metrics.
+The routes that run at request rate are answered as plain WSGI in front of Flask (:class:`_Front`):
+``POST /predict``, ``POST /models/<name>/predict`` and the Open Inference Protocol's
+``POST /v2/models/<name>[/versions/<v>]/infer`` (``HOT_ROUTES`` of routes.py and v2.py). Flask's request
+context, routing and response objects cost a quarter to half a millisecond per request when they run with
+caches that an inference has just emptied (docs/benchmarks.md). Their URL rules stay in Flask, without a
+view, so that other methods get Flask's 405 and CORS preflights their OPTIONS answer. Both kinds of route
+share one error boundary (:func:`error_answer`), the API key check, CORS headers and the request metrics.
 
 Error boundary: HTTP errors answer as JSON ``{"error": ...}``, user errors answer 4xx, anything else is
 logged with its traceback and answered with a generic JSON 500 (no exception text, no paths).
@@ -20,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,16 +176,14 @@ def create_app(config: ServeConfig) -> Flask:
     app.extensions["deploykit.config"] = config
     app.extensions["deploykit.metrics"] = metrics
 
-    from deploykit.serve.routes import bp as rest
-    from deploykit.serve.v2 import bp as v2
+    from deploykit.serve import routes, v2
 
-    app.register_blueprint(rest)
-    app.register_blueprint(v2)
+    app.register_blueprint(routes.bp)
+    app.register_blueprint(v2.bp)
     _install_hooks(app, config, metrics, registry)
     _install_error_handlers(app)
-    from deploykit.serve.routes import HOT_ROUTES
-
-    app.wsgi_app = _Front(app.wsgi_app, config, metrics, registry, HOT_ROUTES)  # type: ignore[method-assign]
+    hot = [*routes.HOT_ROUTES, *v2.HOT_ROUTES]
+    app.wsgi_app = _Front(app.wsgi_app, config, metrics, registry, hot)  # type: ignore[method-assign]
 
     @app.get("/")
     def index() -> Response:
@@ -205,10 +205,20 @@ def create_app(config: ServeConfig) -> Flask:
     return app
 
 
-#: A hot route's handler: (request, registry, model name from the path or None) -> the JSON body of its 200
-#: answer. It raises for anything else; :func:`error_answer` answers that.
-HotHandler = Callable[[Request, Registry, "str | None"], bytes]
-#: (path pattern, with a ``name`` group where the path names a model; the rule as Flask names it; handler)
+@dataclass(frozen=True)
+class Answer:
+    """A hot route's 200 answer."""
+
+    body: bytes
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+#: A hot route's handler: ``handler(request, registry, **path_parameters)`` -> its 200 answer. It raises for
+#: anything else; :func:`error_answer` answers that.
+HotHandler = Callable[..., Answer]
+#: (path pattern, whose named groups are the path parameters, ``name`` for a model; the rule as Flask
+#: writes it, for the metrics; handler)
 HotRoute = tuple["re.Pattern[str]", str, HotHandler]
 
 
@@ -242,10 +252,13 @@ class _Front:
                 for pattern, rule, handler in self.routes:
                     match = pattern.fullmatch(path)
                     if match is not None:
-                        name = match.groupdict().get("name")
-                        if name is not None:  # WSGI's latin-1 string of the path's UTF-8 bytes, as Werkzeug
-                            name = name.encode("latin-1").decode(errors="replace")
-                        return self._answer(environ, start_response, rule, handler, name)
+                        # WSGI's latin-1 text of the path's UTF-8 bytes, decoded as Werkzeug does
+                        params = {
+                            k: v.encode("latin-1").decode(errors="replace")
+                            for k, v in match.groupdict().items()
+                            if v is not None
+                        }
+                        return self._answer(environ, start_response, rule, handler, params)
             return self.wsgi_app(environ, start_response)
         finally:
             self.metrics.in_flight.dec()
@@ -256,26 +269,31 @@ class _Front:
         start_response: Callable[..., Any],
         rule: str,
         handler: HotHandler,
-        name: str | None,
+        params: dict[str, str],
     ) -> list[bytes]:
         req = Request(environ)
         req.max_content_length = req.max_form_memory_size = self.limit
-        headers: dict[str, str] = {}
         try:
             if self.api_keys:
                 check_api_key(req, self.api_keys)
-            body = handler(req, self.registry, name)
+            answer = handler(req, self.registry, **params)
             status = 200
         except Exception as exc:
             status, message, headers = error_answer(exc, req)
-            body = json_bytes({"error": message})
-        headers.update(cors_headers(environ.get("HTTP_ORIGIN"), self.cors))
+            answer = Answer(json_bytes({"error": message}), headers=headers)
         registry = self.registry
+        name = params.get("name")
         model = registry.default.name if name is None else name if name in registry.entries else ""
         self.metrics.observe_request(model, rule, "POST", status, time.perf_counter() - environ[START_KEY])
+        body = answer.body
         start_response(
             f"{status} {HTTP_STATUS_CODES.get(status, 'Unknown')}",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers.items()],
+            [
+                ("Content-Type", answer.content_type),
+                ("Content-Length", str(len(body))),
+                *answer.headers.items(),
+                *cors_headers(environ.get("HTTP_ORIGIN"), self.cors).items(),
+            ],
         )
         return [body]
 

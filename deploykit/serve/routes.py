@@ -21,7 +21,7 @@ from werkzeug.wrappers import Request
 
 from deploykit.images import decode_image, preprocess
 from deploykit.runtime import top_k
-from deploykit.serve.app import HotRoute, json_bytes, json_response, read_body, registry_of
+from deploykit.serve.app import Answer, HotRoute, json_bytes, json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
 from deploykit.serve.multipart import parse_files
 from deploykit.serve.registry import ModelEntry, Registry
@@ -107,7 +107,7 @@ def read_images(req: Request) -> list[tuple[str | None, bytes]]:
     return [(None, body)]
 
 
-def predict_answer(req: Request, registry: Registry, name: str | None) -> bytes:
+def predict_answer(req: Request, registry: Registry, name: str | None = None) -> Answer:
     """``POST /predict`` (``name`` None: the default model) and ``POST /models/<name>/predict``: decode,
     batch, run and answer top-k for every image of the request."""
     entry = ready_entry(registry, name)
@@ -143,7 +143,7 @@ def predict_answer(req: Request, registry: Registry, name: str | None) -> bytes:
             }
         )
     end = time.perf_counter()
-    return json_bytes(
+    body = json_bytes(
         {
             "model": entry.name,
             "predictions": predictions,
@@ -155,6 +155,7 @@ def predict_answer(req: Request, registry: Registry, name: str | None) -> bytes:
             },
         }
     )
+    return Answer(body)
 
 
 HOT_ROUTES: list[HotRoute] = [

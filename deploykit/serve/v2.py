@@ -11,20 +11,30 @@ top k classes as a BYTES tensor of ``"score:index:label"`` strings, as Triton do
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
+from werkzeug.wrappers import Request
 
 from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec
 from deploykit.datatypes import NUMPY_BY_V2
 from deploykit.runtime import provider_name
-from deploykit.serve.app import error_response, json_response, read_body, registry_of
+from deploykit.serve.app import (
+    Answer,
+    HotRoute,
+    error_response,
+    json_bytes,
+    json_response,
+    read_body,
+    registry_of,
+)
 from deploykit.serve.batching import ServeError
-from deploykit.serve.registry import ModelEntry
+from deploykit.serve.registry import ModelEntry, Registry
 from deploykit.serve.routes import ready_entry
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
@@ -48,8 +58,7 @@ def _shape(spec: TensorSpec) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in spec.shape]
 
 
-def _entry(name: str, version: str | None) -> ModelEntry:
-    registry = registry_of(current_app)
+def _entry(registry: Registry, name: str, version: str | None) -> ModelEntry:
     entry = registry.get(name)
     if entry is None:
         raise ServeError(
@@ -97,7 +106,7 @@ def ready() -> Response:
 @bp.get("/models/<name>")
 @bp.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None) -> Response:
-    entry = _entry(name, version)
+    entry = _entry(registry_of(current_app), name, version)
     card = _card(entry)
     tensors = lambda specs: [  # noqa: E731
         {"name": t.name, "datatype": datatype_of(t.dtype), "shape": _shape(t)} for t in specs
@@ -116,8 +125,8 @@ def model_metadata(name: str, version: str | None = None) -> Response:
 @bp.get("/models/<name>/ready")
 @bp.get("/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None) -> Response:
-    entry = _entry(name, version)
     registry = registry_of(current_app)
+    entry = _entry(registry, name, version)
     if entry.ready and not registry.draining:
         return json_response({"name": entry.name, "ready": True})
     reason = entry.error or ("the server is shutting down" if registry.draining else "it is still loading")
@@ -128,10 +137,10 @@ def model_ready(name: str, version: str | None = None) -> Response:
 @bp.get("/models/<name>/versions/<version>/config")
 def model_config(name: str, version: str | None = None) -> Response:
     """Triton's model configuration, for clients that ask for it (batch dimension left out of dims)."""
-    entry = _entry(name, version)
+    registry = registry_of(current_app)
+    entry = _entry(registry, name, version)
     card = _card(entry)
     dynamic = card.dynamic_batch
-    registry = registry_of(current_app)
     config = registry.config
     gpu = any(
         provider_name(p) in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in config.providers
@@ -166,36 +175,46 @@ def model_config(name: str, version: str | None = None) -> Response:
     )
 
 
-@bp.post("/models/<name>/infer")
-@bp.post("/models/<name>/versions/<version>/infer")
-def infer(name: str, version: str | None = None) -> Response:
-    entry = _entry(name, version)
-    entry = ready_entry(registry_of(current_app), entry.name)
+def infer_answer(req: Request, registry: Registry, name: str, version: str | None = None) -> Answer:
+    """``POST /v2/models/<name>[/versions/<version>]/infer``, a hot route (see app.py)."""
+    entry = ready_entry(registry, _entry(registry, name, version).name)
     predictor = entry.predictor
     batcher = entry.batcher
     assert predictor is not None
     assert batcher is not None
     card = predictor.card
     with batcher.incoming() as ticket:
-        header, binary = _split_body()
+        header, binary = _split_body(req)
         requested = _requested_outputs(header, card)
         array = _input_tensor(header, card, binary)
-        result = batcher.submit(array, registry_of(current_app).config.request_timeout, ticket)
-    metrics = current_app.extensions["deploykit.metrics"]
-    metrics.observe_queue(entry.name, result.queue_s)
+        result = batcher.submit(array, registry.config.request_timeout, ticket)
+    registry.metrics.observe_queue(entry.name, result.queue_s)
     outputs = dict(zip(predictor.output_names, result.outputs, strict=True))
-    return _infer_response(entry, header, requested, outputs, card)
+    return _infer_answer(entry, header, requested, outputs, card)
 
 
-def _decompressed(body: bytes) -> bytes:
+HOT_ROUTES: list[HotRoute] = [
+    (re.compile("/v2/models/(?P<name>[^/]+)/infer"), "/v2/models/<name>/infer", infer_answer),
+    (
+        re.compile("/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer"),
+        "/v2/models/<name>/versions/<version>/infer",
+        infer_answer,
+    ),
+]
+# The hot routes' rules, without a view: Flask answers their other methods (405, OPTIONS), never a POST.
+bp.add_url_rule("/models/<name>/infer", endpoint="infer", methods=["POST"])
+bp.add_url_rule("/models/<name>/versions/<version>/infer", endpoint="infer", methods=["POST"])
+
+
+def _decompressed(req: Request, body: bytes) -> bytes:
     """The body without its gzip/deflate Content-Encoding (tritonclient's request compression), bounded by the
     body limit so that a compressed bomb is refused."""
-    encoding = (request.headers.get("Content-Encoding") or "identity").lower()
+    encoding = (req.headers.get("Content-Encoding") or "identity").lower()
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
         raise ServeError(f"Unsupported Content-Encoding {encoding!r}; use gzip, deflate or none.", status=415)
-    limit = int(current_app.config.get("MAX_CONTENT_LENGTH") or 0) or len(body) * 1024
+    limit = req.max_content_length or len(body) * 1024
     decoder = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         data = decoder.decompress(body, limit + 1)
@@ -208,9 +227,9 @@ def _decompressed(body: bytes) -> bytes:
     return data
 
 
-def _split_body() -> tuple[dict[str, Any], memoryview]:
-    body = _decompressed(read_body(request))
-    raw_length = request.headers.get(HEADER_LENGTH)
+def _split_body(req: Request) -> tuple[dict[str, Any], memoryview]:
+    body = _decompressed(req, read_body(req))
+    raw_length = req.headers.get(HEADER_LENGTH)
     if raw_length is not None:
         try:
             length = int(raw_length)
@@ -347,13 +366,13 @@ def _bytes_payload(array: np.ndarray) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in array.reshape(-1))
 
 
-def _infer_response(
+def _infer_answer(
     entry: ModelEntry,
     header: dict[str, Any],
     requested: list[tuple[str, dict[str, Any]]],
     outputs: dict[str, np.ndarray],
     card: ModelCard,
-) -> Response:
+) -> Answer:
     binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
@@ -378,11 +397,7 @@ def _infer_response(
     body: dict[str, Any] = {"model_name": entry.name, "model_version": VERSION, "outputs": described}
     if "id" in header:
         body["id"] = header["id"]
-    text = json.dumps(body, separators=(",", ":")).encode()
+    text = json_bytes(body)
     if not chunks:
-        return Response(text, mimetype="application/json")
-    return Response(
-        b"".join([text, *chunks]),
-        mimetype="application/octet-stream",
-        headers={HEADER_LENGTH: str(len(text))},
-    )
+        return Answer(text)
+    return Answer(b"".join([text, *chunks]), "application/octet-stream", {HEADER_LENGTH: str(len(text))})

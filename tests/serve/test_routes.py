@@ -276,7 +276,7 @@ def test_internal_error_in_a_predict_route_is_a_generic_json_500(
 
     app = make_app(("shapes", shapes_onnx))
 
-    def boom(_req: object, _registry: object, _name: object) -> bytes:
+    def boom(_req: object, _registry: object) -> bytes:
         raise RuntimeError("secret detail in /home/user/private.py")
 
     app.wsgi_app.routes.append((re.compile("/boom"), "/boom", boom))  # type: ignore[attr-defined]

@@ -214,6 +214,7 @@ def test_other_bad_requests(client: FlaskClient) -> None:
     assert unknown.status_code == 404
     assert "'nope'" in unknown.json["error"]
     assert client.get("/v2/models/shapes/infer").status_code == 405
+    assert client.get("/v2/models/shapes/versions/1/infer").status_code == 405
     assert client.get("/v2/models/nope").status_code == 404
     assert client.get("/v2/models/nope/ready").status_code == 404
 
@@ -435,3 +436,26 @@ def test_compressed_bodies_are_bounded(client: FlaskClient) -> None:
         content_type="application/json",
     )
     assert brotli.status_code == 415
+
+
+def test_infer_on_a_versioned_path(client: FlaskClient, batch: np.ndarray, predictor: Predictor) -> None:
+    """``/v2/models/<name>/versions/1/infer`` infers like the plain path; another version is unknown."""
+    body = {
+        "inputs": [
+            {
+                "name": predictor.input_name,
+                "shape": list(batch.shape[:1]) + list(batch.shape[1:]),
+                "datatype": "FP32",
+                "data": batch.reshape(-1).tolist(),
+            }
+        ]
+    }
+    plain = client.post("/v2/models/shapes/infer", json=body)
+    versioned = client.post("/v2/models/shapes/versions/1/infer", json=body)
+    assert versioned.status_code == 200, versioned.json
+    assert versioned.json == plain.json
+    other = client.post("/v2/models/shapes/versions/2/infer", json=body)
+    assert other.status_code == 404
+    assert "no version '2'" in other.json["error"]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'route="/v2/models/<name>/versions/<version>/infer",status="200"' in metrics

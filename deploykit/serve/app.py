@@ -180,10 +180,15 @@ def create_app(config: ServeConfig) -> Flask:
 
     app.register_blueprint(routes.bp)
     app.register_blueprint(v2.bp)
-    _install_hooks(app, config, metrics, registry)
+    api_keys = [config.api_key.encode()] if config.api_key else []
+    cors = frozenset(config.cors_origins)
+    _install_hooks(app, metrics, registry, api_keys, cors)
     _install_error_handlers(app)
     hot = [*routes.HOT_ROUTES, *v2.HOT_ROUTES]
-    app.wsgi_app = _Front(app.wsgi_app, config, metrics, registry, hot)  # type: ignore[method-assign]
+    front = _Front(
+        app.wsgi_app, metrics, registry, hot, api_keys=api_keys, cors=cors, limit=config.max_body_bytes
+    )
+    app.wsgi_app = front  # type: ignore[method-assign]
 
     @app.get("/")
     def index() -> Response:
@@ -230,18 +235,21 @@ class _Front:
     def __init__(
         self,
         wsgi_app: Callable[..., Iterable[bytes]],
-        config: ServeConfig,
         metrics: Metrics,
         registry: Registry,
         routes: list[HotRoute],
+        *,
+        api_keys: list[bytes],
+        cors: frozenset[str],
+        limit: int,
     ) -> None:
         self.wsgi_app = wsgi_app
         self.metrics = metrics
         self.registry = registry
         self.routes = routes
-        self.limit = config.max_body_bytes
-        self.api_keys = [config.api_key.encode()] if config.api_key else []
-        self.cors = frozenset(config.cors_origins)
+        self.api_keys = api_keys
+        self.cors = cors
+        self.limit = limit
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         environ[START_KEY] = time.perf_counter()
@@ -298,10 +306,9 @@ class _Front:
         return [body]
 
 
-def _install_hooks(app: Flask, config: ServeConfig, metrics: Metrics, registry: Registry) -> None:
-    api_keys = [config.api_key.encode()] if config.api_key else []
-    cors = frozenset(config.cors_origins)
-
+def _install_hooks(
+    app: Flask, metrics: Metrics, registry: Registry, api_keys: list[bytes], cors: frozenset[str]
+) -> None:
     if api_keys:
 
         @app.before_request

@@ -172,9 +172,7 @@ def create_app(config: ServeConfig) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     metrics = Metrics()
     registry = Registry(config, metrics)
-    app.extensions[EXTENSION] = registry
-    app.extensions["deploykit.config"] = config
-    app.extensions["deploykit.metrics"] = metrics
+    app.extensions[EXTENSION] = registry  # the registry holds the config and the metrics too
 
     from deploykit.serve import routes, v2
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, request, send_from_directory
+from flask import Blueprint, Flask, Response, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Request
@@ -223,6 +223,19 @@ HotHandler = Callable[..., Answer]
 #: (path pattern, whose named groups are the path parameters, ``name`` for a model; the rule as Flask
 #: writes it, for the metrics; handler)
 HotRoute = tuple["re.Pattern[str]", str, HotHandler]
+
+
+def hot_route(bp: Blueprint, rule: str, endpoint: str, handler: HotHandler) -> HotRoute:
+    """Make ``rule`` (Flask's syntax, ``<param>`` segments) of ``bp`` a hot route answered by ``handler``.
+
+    The rule is registered on ``bp`` without a view, so that Flask answers its other methods (405, and
+    ``OPTIONS`` for CORS preflights); its POSTs are answered by :class:`_Front` and never reach Flask.
+    """
+    bp.add_url_rule(rule, endpoint=endpoint, methods=["POST"])
+    full = (bp.url_prefix or "") + rule
+    parts = re.split(r"<(\w+)>", full)  # literal, parameter, literal, ...
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts))
+    return re.compile(pattern), full, handler
 
 
 class _Front:

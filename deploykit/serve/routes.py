@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ from werkzeug.wrappers import Request
 
 from deploykit.images import decode_image, preprocess
 from deploykit.runtime import top_k
-from deploykit.serve.app import Answer, HotRoute, json_bytes, json_response, read_body, registry_of
+from deploykit.serve.app import Answer, HotRoute, hot_route, json_bytes, json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
 from deploykit.serve.multipart import parse_files
 from deploykit.serve.registry import ModelEntry, Registry
@@ -159,12 +158,9 @@ def predict_answer(req: Request, registry: Registry, name: str | None = None) ->
 
 
 HOT_ROUTES: list[HotRoute] = [
-    (re.compile("/predict"), "/predict", predict_answer),
-    (re.compile("/models/(?P<name>[^/]+)/predict"), "/models/<name>/predict", predict_answer),
+    hot_route(bp, "/predict", "predict", predict_answer),
+    hot_route(bp, "/models/<name>/predict", "predict_model", predict_answer),
 ]
-# The hot routes' rules, without a view: Flask answers their other methods (405, OPTIONS), never a POST.
-bp.add_url_rule("/predict", endpoint="predict", methods=["POST"])
-bp.add_url_rule("/models/<name>/predict", endpoint="predict_model", methods=["POST"])
 
 
 @bp.get("/models")

@@ -11,7 +11,6 @@ top k classes as a BYTES tensor of ``"score:index:label"`` strings, as Triton do
 from __future__ import annotations
 
 import json
-import re
 import struct
 import zlib
 from typing import Any
@@ -28,6 +27,7 @@ from deploykit.serve.app import (
     Answer,
     HotRoute,
     error_response,
+    hot_route,
     json_bytes,
     json_response,
     read_body,
@@ -71,8 +71,7 @@ def _entry(registry: Registry, name: str, version: str | None) -> ModelEntry:
     return entry
 
 
-def _card(entry: ModelEntry) -> ModelCard:
-    registry = registry_of(current_app)
+def _card(registry: Registry, entry: ModelEntry) -> ModelCard:
     if entry.card is None and not registry.loaded.is_set():
         registry.loaded.wait(registry.config.request_timeout)
     if entry.card is None:
@@ -106,8 +105,9 @@ def ready() -> Response:
 @bp.get("/models/<name>")
 @bp.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None) -> Response:
-    entry = _entry(registry_of(current_app), name, version)
-    card = _card(entry)
+    registry = registry_of(current_app)
+    entry = _entry(registry, name, version)
+    card = _card(registry, entry)
     tensors = lambda specs: [  # noqa: E731
         {"name": t.name, "datatype": datatype_of(t.dtype), "shape": _shape(t)} for t in specs
     ]
@@ -139,7 +139,7 @@ def model_config(name: str, version: str | None = None) -> Response:
     """Triton's model configuration, for clients that ask for it (batch dimension left out of dims)."""
     registry = registry_of(current_app)
     entry = _entry(registry, name, version)
-    card = _card(entry)
+    card = _card(registry, entry)
     dynamic = card.dynamic_batch
     config = registry.config
     gpu = any(
@@ -194,16 +194,9 @@ def infer_answer(req: Request, registry: Registry, name: str, version: str | Non
 
 
 HOT_ROUTES: list[HotRoute] = [
-    (re.compile("/v2/models/(?P<name>[^/]+)/infer"), "/v2/models/<name>/infer", infer_answer),
-    (
-        re.compile("/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer"),
-        "/v2/models/<name>/versions/<version>/infer",
-        infer_answer,
-    ),
+    hot_route(bp, "/models/<name>/infer", "infer", infer_answer),
+    hot_route(bp, "/models/<name>/versions/<version>/infer", "infer", infer_answer),
 ]
-# The hot routes' rules, without a view: Flask answers their other methods (405, OPTIONS), never a POST.
-bp.add_url_rule("/models/<name>/infer", endpoint="infer", methods=["POST"])
-bp.add_url_rule("/models/<name>/versions/<version>/infer", endpoint="infer", methods=["POST"])
 
 
 def _decompressed(req: Request, body: bytes) -> bytes:

@@ -180,12 +180,10 @@ def create_app(config: ServeConfig) -> Flask:
     app.register_blueprint(v2.bp)
     api_keys = [config.api_key.encode()] if config.api_key else []
     cors = frozenset(config.cors_origins)
-    _install_hooks(app, metrics, registry, api_keys, cors)
+    _install_hooks(app, registry, api_keys, cors)
     _install_error_handlers(app)
     hot = [*routes.HOT_ROUTES, *v2.HOT_ROUTES]
-    front = _Front(
-        app.wsgi_app, metrics, registry, hot, api_keys=api_keys, cors=cors, limit=config.max_body_bytes
-    )
+    front = _Front(app.wsgi_app, registry, hot, api_keys=api_keys, cors=cors, limit=config.max_body_bytes)
     app.wsgi_app = front  # type: ignore[method-assign]
 
     @app.get("/")
@@ -246,7 +244,6 @@ class _Front:
     def __init__(
         self,
         wsgi_app: Callable[..., Iterable[bytes]],
-        metrics: Metrics,
         registry: Registry,
         routes: list[HotRoute],
         *,
@@ -255,7 +252,7 @@ class _Front:
         limit: int,
     ) -> None:
         self.wsgi_app = wsgi_app
-        self.metrics = metrics
+        self.metrics = registry.metrics
         self.registry = registry
         self.routes = routes
         self.api_keys = api_keys
@@ -317,9 +314,8 @@ class _Front:
         return [body]
 
 
-def _install_hooks(
-    app: Flask, metrics: Metrics, registry: Registry, api_keys: list[bytes], cors: frozenset[str]
-) -> None:
+def _install_hooks(app: Flask, registry: Registry, api_keys: list[bytes], cors: frozenset[str]) -> None:
+    metrics = registry.metrics
     if api_keys:
 
         @app.before_request

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Beyond this aspect ratio only the part of the image that the centre crop keeps is resized (see
+#: resize_and_crop): resizing a 1x10000 image whole to a shorter side of 256 would make 655 million pixels.
+MAX_WHOLE_RESIZE_ASPECT = 16
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                             ".pgm"})
 
@@ -136,11 +139,17 @@ def resize_and_crop(image: Image.Image, pp: Preprocess) -> Image.Image:
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = pp.resize, int(pp.resize * long / short)
     size = (new_short, new_long) if width <= height else (new_long, new_short)
+    top = int(round((size[1] - pp.crop) / 2.0))
+    left = int(round((size[0] - pp.crop) / 2.0))
+    if new_long > MAX_WHOLE_RESIZE_ASPECT * new_short:
+        # An extreme aspect ratio: resample only the source region under the crop, to the crop's size. The
+        # same filter at the same scale, so pixels differ from resizing the whole image by rounding only (at
+        # most a level or two), while memory stays that of one crop instead of growing with the ratio.
+        sx, sy = width / size[0], height / size[1]
+        box = (left * sx, top * sy, (left + pp.crop) * sx, (top + pp.crop) * sy)
+        return image.resize((pp.crop, pp.crop), resample, box=box)
     if size != image.size:
         image = image.resize(size, resample)
-    width, height = image.size
-    top = int(round((height - pp.crop) / 2.0))
-    left = int(round((width - pp.crop) / 2.0))
     return image.crop((left, top, left + pp.crop, top + pp.crop))
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from deploykit.card import Preprocess
 from deploykit.images import (
+    MAX_WHOLE_RESIZE_ASPECT,
     InvalidImageError,
     decode_image,
     is_image_path,
@@ -262,6 +263,28 @@ def test_preprocess_matches_torchvision(size: tuple[int, int], pp: Preprocess) -
     assert ours.shape == theirs.shape == (3, pp.crop, pp.crop)
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(20, 2000), (3000, 40)])
+def test_extreme_aspect_ratio_resizes_only_the_crop(size: tuple[int, int]) -> None:
+    # Past MAX_WHOLE_RESIZE_ASPECT only the region under the crop is resampled: the pixels stay within two
+    # 8-bit levels of torchvision's whole-image resize.
+    assert max(size) / min(size) > MAX_WHOLE_RESIZE_ASPECT
+    image = gradient(*size, seed=7)
+    pp = Preprocess()
+    ours = preprocess(image, pp)
+    theirs = _torchvision_pipeline(pp)(image).numpy()
+    levels = np.abs(ours - theirs) * np.asarray(pp.std, dtype=np.float32)[:, None, None] * 255
+    assert levels.max() <= 2.01
+
+
+def test_one_pixel_wide_image_does_not_blow_up_memory() -> None:
+    # Resized whole, a 1 x 200,000 image would become 256 x 51,200,000 pixels (39 GB).
+    image = Image.new("RGB", (1, 200_000), (200, 30, 90))
+    tensor = preprocess(image, Preprocess())
+    assert tensor.shape == (3, 224, 224)
+    expected = (np.float32(200 / 255) - np.float32(0.485)) / np.float32(0.229)
+    np.testing.assert_allclose(tensor[0], expected, atol=1e-5)
 
 
 def test_preprocess_after_decoding_matches_torchvision_on_a_jpeg() -> None:

@@ -38,6 +38,9 @@ def serve(
         30.0, "--request-timeout", help="Seconds a request may wait (504)."
     ),
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="Largest request body in MB (413)."),
+    max_request_images: int = typer.Option(
+        64, "--max-request-images", help="Most images (or V2 batch rows) in one request (413)."
+    ),
     graceful_timeout: float = typer.Option(
         30.0, "--graceful-timeout", help="Seconds to finish requests on SIGTERM."
     ),
@@ -86,6 +89,7 @@ def serve(
         max_queue=max_queue,
         request_timeout=request_timeout,
         max_body_mb=max_body_mb,
+        max_request_images=max_request_images,
         graceful_timeout=graceful_timeout,
         api_key=api_key,
         cors_origins=tuple(cors_origin or ()),

@@ -18,15 +18,17 @@ import hmac
 import io
 import json
 import logging
+import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, request, send_from_directory
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Request
 
@@ -54,8 +56,22 @@ PLACEHOLDER_PAGE = (
 
 
 def json_bytes(data: Any) -> bytes:
-    """Compact JSON (no pretty-printing, no sorting), as every answer of the server is written."""
-    return json.dumps(data, separators=(",", ":")).encode()
+    """Compact JSON (no pretty-printing, no sorting), as every answer of the server is written. Numbers that
+    are not finite (NaN, infinities: JSON has none) are written as null."""
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(_finite(data), separators=(",", ":")).encode()
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -87,10 +103,38 @@ def read_body(req: Request, *, cache: bool = False) -> bytes:
         body = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
         return body
-    body = req.get_data(cache=cache, parse_form_data=False)
+    body = req.get_data(cache=cache, parse_form_data=False)  # chunked: gunicorn's errors answer 400
     if limit is not None and length is None and len(body) >= limit:
         raise RequestEntityTooLarge()
     return body
+
+
+def drain_body(environ: dict[str, Any], limit: int) -> None:
+    """Read and drop what the app left unread of the request body, up to ``limit`` bytes, so that the client's
+    kept-alive connection stays usable after an answer given before the body was read (401, 404, 503...).
+
+    gunicorn itself drains at most 64 kB and then closes the connection, after an answer that promised
+    keep-alive; V2 clients (tritonclient, KServe's) then fail on their next request. A declared body over the
+    limit is not read (the 413 answer closes the connection). Only under gunicorn (``wsgi.input_terminated``):
+    Werkzeug's development server closes a connection whose body was not read.
+    """
+    if not environ.get("wsgi.input_terminated"):
+        return
+    length = environ.get("CONTENT_LENGTH")
+    if not length and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return
+    if length and length.isdigit() and int(length) > limit:
+        return
+    stream = environ["wsgi.input"]
+    total = 0
+    try:
+        while total <= limit:
+            chunk = stream.read(65536)
+            if not chunk:
+                return
+            total += len(chunk)
+    except Exception:  # noqa: BLE001 - a broken body: gunicorn closes the connection after the answer
+        return
 
 
 def check_api_key(req: Request, keys: list[bytes]) -> None:
@@ -135,12 +179,21 @@ def error_answer(exc: Exception, req: Request) -> tuple[int, str, dict[str, str]
         return (415 if exc.unsupported else 400), exc.message, {}
     if isinstance(exc, DeployKitError):
         return 400, str(exc), {}
+    if _malformed_http(exc):
+        return 400, f"The request is malformed: {exc}.", {}
     if isinstance(exc, HTTPException):
         status = exc.code or 500
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # e.g. 405's Allow
         return status, _http_message(exc, status, req), headers
     log.exception("internal error on %s %s", req.method, req.path)
     return 500, INTERNAL_ERROR, {}
+
+
+def _malformed_http(exc: Exception) -> bool:
+    """Whether ``exc`` is gunicorn's error for a malformed request, raised while the app reads the body (a bad
+    chunk size, a bad trailer). Looked up without importing gunicorn: the dev server has no such errors."""
+    errors = sys.modules.get("gunicorn.http.errors")
+    return errors is not None and isinstance(exc, errors.ParseException)
 
 
 def _http_message(exc: HTTPException, status: int, req: Request) -> str:
@@ -226,14 +279,27 @@ HotRoute = tuple["re.Pattern[str]", str, HotHandler]
 def hot_route(bp: Blueprint, rule: str, endpoint: str, handler: HotHandler) -> HotRoute:
     """Make ``rule`` (Flask's syntax, ``<param>`` segments) of ``bp`` a hot route answered by ``handler``.
 
-    The rule is registered on ``bp`` without a view, so that Flask answers its other methods (405, and
-    ``OPTIONS`` for CORS preflights); its POSTs are answered by :class:`_Front` and never reach Flask.
+    Its POSTs are answered by :class:`_Front` in front of Flask. The rule is registered in Flask too, so that
+    Flask answers its other methods (405, and ``OPTIONS`` for CORS preflights), with a view that runs the same
+    handler: a path that Flask matches and the hot route does not (``//predict``, Flask merges slashes) gets
+    the same answer, through Flask's hooks and error boundary.
     """
-    bp.add_url_rule(rule, endpoint=endpoint, methods=["POST"])
+    _HOT_HANDLERS[f"{bp.name}.{endpoint}"] = handler
+    bp.add_url_rule(rule, endpoint=endpoint, view_func=_hot_view, methods=["POST"])
     full = (bp.url_prefix or "") + rule
     parts = re.split(r"<(\w+)>", full)  # literal, parameter, literal, ...
     pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts))
     return re.compile(pattern), full, handler
+
+
+_HOT_HANDLERS: dict[str, HotHandler] = {}  # Flask endpoint -> hot handler
+
+
+def _hot_view(**params: str) -> Response:
+    """The Flask view of every hot route (see :func:`hot_route`)."""
+    handler = _HOT_HANDLERS[request.endpoint or ""]
+    answer = handler(request, registry_of(current_app), **params)
+    return Response(answer.body, headers=dict(answer.headers), content_type=answer.content_type)
 
 
 class _Front:
@@ -275,6 +341,8 @@ class _Front:
                             if v is not None
                         }
                         return self._answer(environ, start_response, rule, handler, params)
+            if environ.get("CONTENT_LENGTH") or environ.get("HTTP_TRANSFER_ENCODING"):
+                start_response = self._draining(environ, start_response)
             return self.wsgi_app(environ, start_response)
         finally:
             self.metrics.in_flight.dec()
@@ -297,6 +365,7 @@ class _Front:
         except Exception as exc:
             status, message, headers = error_answer(exc, req)
             answer = Answer(json_bytes({"error": message}), headers=headers)
+            drain_body(environ, self.limit)
         registry = self.registry
         name = params.get("name")
         model = registry.default.name if name is None else name if name in registry.entries else ""
@@ -313,6 +382,15 @@ class _Front:
         )
         return [body]
 
+    def _draining(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Callable[..., Any]:
+        """``start_response`` that first drains what the Flask route left of the body (:func:`drain_body`)."""
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            drain_body(environ, self.limit)
+            return start_response(status, headers, exc_info)
+
+        return start
+
 
 def _install_hooks(app: Flask, registry: Registry, api_keys: list[bytes], cors: frozenset[str]) -> None:
     metrics = registry.metrics
@@ -325,9 +403,13 @@ def _install_hooks(app: Flask, registry: Registry, api_keys: list[bytes], cors: 
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        name = (request.view_args or {}).get("name")
-        if name is None and request.endpoint == "rest.predict":
+        url_rule: Any = request.url_rule
+        view_args: Mapping[str, Any] | None = request.view_args
+        if url_rule is None and isinstance(request.routing_exception, MethodNotAllowed):
+            url_rule, view_args = _rule_of_any_method(request.routing_exception)
+        rule = url_rule.rule if url_rule is not None else "unmatched"
+        name = (view_args or {}).get("name")
+        if name is None and url_rule is not None and url_rule.endpoint == "rest.predict":
             name = registry.default.name
         model = name if name in registry.entries else ""
         start = request.environ.get(START_KEY)
@@ -336,6 +418,18 @@ def _install_hooks(app: Flask, registry: Registry, api_keys: list[bytes], cors: 
         if cors:
             response.headers.update(cors_headers(request.headers.get("Origin"), cors))
         return response
+
+
+def _rule_of_any_method(exc: MethodNotAllowed) -> tuple[Any, Mapping[str, Any] | None]:
+    """The rule (and its path parameters) that the request's path matches with another method, for a 405's
+    metrics: the route it was sent to, not "unmatched"."""
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    for method in exc.valid_methods or ():
+        try:
+            return adapter.match(method=method, return_rule=True)
+        except HTTPException:
+            continue
+    return None, None
 
 
 def _install_error_handlers(app: Flask) -> None:

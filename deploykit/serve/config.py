@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -56,6 +57,7 @@ class ServeConfig:
     max_queue: int = 64
     request_timeout: float = 30.0
     max_body_mb: float = 20.0
+    max_request_images: int = 64
     graceful_timeout: float = 30.0
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
@@ -87,6 +89,10 @@ class ServeConfig:
             (self.max_queue < 1, f"--max-queue must be at least 1, got {self.max_queue}"),
             (self.request_timeout <= 0, f"--request-timeout must be positive, got {self.request_timeout}"),
             (self.max_body_mb <= 0, f"--max-body-mb must be positive, got {self.max_body_mb}"),
+            (
+                self.max_request_images < 1,
+                f"--max-request-images must be at least 1, got {self.max_request_images}",
+            ),
             (self.graceful_timeout < 0, f"--graceful-timeout must be >= 0, got {self.graceful_timeout}"),
             (not 0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}"),
             (
@@ -95,6 +101,14 @@ class ServeConfig:
             ),
             (self.api_key is not None and not self.api_key.strip(), "--api-key must not be empty"),
         ]
+        for option, value in (
+            ("--max-batch-delay-ms", self.max_batch_delay_ms),
+            ("--request-timeout", self.request_timeout),
+            ("--max-body-mb", self.max_body_mb),
+            ("--graceful-timeout", self.graceful_timeout),
+        ):
+            if not math.isfinite(value):
+                raise UsageError(f"{option} must be a finite number, got {value}.")
         for failed, message in checks:
             if failed:
                 raise UsageError(message + ".")

@@ -209,6 +209,7 @@ class Registry:
         config = self.config
         plan = self.plan
         path = entry.spec.path
+        self.metrics.model_ready.labels(entry.name).set(0)  # a series from the start: alerts see a failure
         try:
             predictor, solo = open_predictors(path, config, plan, name=entry.name)
         except DeployKitError as exc:

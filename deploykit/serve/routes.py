@@ -18,7 +18,8 @@ import numpy as np
 from flask import Blueprint, Response, current_app
 from werkzeug.wrappers import Request
 
-from deploykit.images import decode_image, preprocess
+from deploykit.card import Preprocess
+from deploykit.images import InvalidImageError, decode_image, preprocess
 from deploykit.runtime import top_k
 from deploykit.serve.app import Answer, HotRoute, hot_route, json_bytes, json_response, read_body, registry_of
 from deploykit.serve.batching import ServeError
@@ -62,18 +63,32 @@ def _top_k_param(req: Request, num_classes: int) -> int:
 
 
 def _b64(text: Any, where: str) -> bytes:
+    """Standard or URL-safe base64, with or without line breaks (``base64`` the tool wraps at 76 columns)."""
     if not isinstance(text, str):
         raise ServeError(f"{where} must be a base64 string.")
     if text.startswith("data:") and "," in text:  # a data URL, as browsers produce
         text = text.split(",", 1)[1]
+    text = "".join(text.split())
     try:
+        if "-" in text or "_" in text:
+            return base64.b64decode(text, altchars=b"-_", validate=True)
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ServeError(f"{where} is not valid base64.") from None
 
 
-def read_images(req: Request) -> list[tuple[str | None, bytes]]:
-    """The request's images as (filename, bytes): multipart files, JSON base64 or a raw body."""
+def _count(n: int, limit: int) -> None:
+    if n > limit:
+        raise ServeError(
+            f"The request has {n} images; this server takes at most {limit} per request "
+            "(--max-request-images). Send the rest in further requests.",
+            status=413,
+        )
+
+
+def read_images(req: Request, max_images: int) -> list[tuple[str | None, bytes]]:
+    """The request's images as (filename, bytes): multipart files, JSON base64 or a raw body; 413 past
+    ``max_images``."""
     mimetype = req.mimetype
     if mimetype == "multipart/form-data":
         # cached, so that Werkzeug's general parser can take over when the fast one declines
@@ -85,16 +100,23 @@ def read_images(req: Request) -> list[tuple[str | None, bytes]]:
         else:
             files = [(f.filename or None, f.read()) for _field, f in req.files.items(multi=True)]
         if not files:
-            raise ServeError("The multipart form has no file; send the image in the 'file' field.")
+            if not boundary:
+                raise ServeError("The multipart Content-Type has no boundary; let the client library set it.")
+            raise ServeError(
+                "The multipart form has no file (or does not follow its boundary); "
+                "send the image in the 'file' field."
+            )
+        _count(len(files), max_images)
         return files
     if mimetype == "application/json" or mimetype.endswith("+json"):
         try:
             data = json.loads(read_body(req))
         except (ValueError, RecursionError):
-            data = None
+            raise ServeError('The body is not valid JSON; send {"image": "<base64>"}.') from None
         if isinstance(data, dict) and "image" in data:
             return [(None, _b64(data["image"], "'image'"))]
         if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"]:
+            _count(len(data["images"]), max_images)
             return [(None, _b64(item, f"'images'[{i}]")) for i, item in enumerate(data["images"])]
         raise ServeError('The JSON body needs {"image": "<base64>"} or {"images": ["<base64>", ...]}.')
     body = read_body(req)
@@ -104,6 +126,17 @@ def read_images(req: Request) -> list[tuple[str | None, bytes]]:
             '(Content-Type: image/jpeg) or JSON {"image": "<base64>"}.'
         )
     return [(None, body)]
+
+
+def _decoded(
+    data: bytes, filename: str | None, index: int, count: int, max_pixels: int, pp: Preprocess
+) -> np.ndarray:
+    """One image of a batch upload, preprocessed; an error names which image it is."""
+    try:
+        return preprocess(decode_image(data, max_pixels=max_pixels), pp)
+    except InvalidImageError as exc:
+        which = f"{filename!r} ({index + 1} of {count})" if filename else f"image {index + 1} of {count}"
+        raise InvalidImageError(f"{which}: {exc.message}", unsupported=exc.unsupported) from None
 
 
 def predict_answer(req: Request, registry: Registry, name: str | None = None) -> Answer:
@@ -119,11 +152,15 @@ def predict_answer(req: Request, registry: Registry, name: str | None = None) ->
     config = registry.config
     k = _top_k_param(req, card.num_classes)
     with batcher.incoming() as ticket:
-        uploads = read_images(req)
+        uploads = read_images(req, config.max_request_images)
         pp = card.preprocess
-        tensors = [
-            preprocess(decode_image(data, max_pixels=config.max_image_pixels), pp) for _n, data in uploads
-        ]
+        if len(uploads) == 1:
+            tensors = [preprocess(decode_image(uploads[0][1], max_pixels=config.max_image_pixels), pp)]
+        else:
+            tensors = [
+                _decoded(data, filename, i, len(uploads), config.max_image_pixels, pp)
+                for i, (filename, data) in enumerate(uploads)
+            ]
         batch = tensors[0][None] if len(tensors) == 1 else np.stack(tensors)
         decoded = time.perf_counter()
         result = batcher.submit(batch, config.request_timeout, ticket)

@@ -186,7 +186,7 @@ def infer_answer(req: Request, registry: Registry, name: str, version: str | Non
     with batcher.incoming() as ticket:
         header, binary = _split_body(req)
         requested = _requested_outputs(header, card)
-        array = _input_tensor(header, card, binary)
+        array = _input_tensor(header, card, binary, registry.config.max_request_images)
         result = batcher.submit(array, registry.config.request_timeout, ticket)
     registry.metrics.observe_queue(entry.name, result.queue_s)
     outputs = dict(zip(predictor.output_names, result.outputs, strict=True))
@@ -234,13 +234,17 @@ def _split_body(req: Request) -> tuple[dict[str, Any], memoryview]:
         length = len(body)
     try:
         header = json.loads(body[:length])
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ServeError(
             "The inference request is not valid JSON (with binary tensors, set "
             f"{HEADER_LENGTH} to the JSON header's length)."
         ) from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ServeError('The inference request needs an "inputs" list.')
+    parameters = header.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise ServeError('The inference request\'s "parameters" must be an object.')
+    _flag(parameters or {}, "binary_data_output", "The request's parameter")
     return header, memoryview(body)[length:]
 
 
@@ -248,7 +252,21 @@ def _describe(spec: TensorSpec) -> str:
     return f"{datatype_of(spec.dtype)} {_shape(spec)}"
 
 
-def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview) -> np.ndarray:
+def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
+    """A boolean parameter of the binary tensor data extension (absent: False)."""
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise ServeError(f"{where} {key} must be true or false, got {_short(value)}.")
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A client's value for an error message, cut short (an answer never echoes a huge input)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview, max_rows: int) -> np.ndarray:
     spec = card.input
     expected_dtype = np.dtype(spec.dtype)
     inputs = header["inputs"]
@@ -256,7 +274,8 @@ def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview) -
     for given in names:
         if given != spec.name:
             raise ServeError(
-                f"Unknown input tensor {given!r}; the model expects input {spec.name!r} {_describe(spec)}."
+                f"Unknown input tensor {_short(given)}; "
+                f"the model expects input {spec.name!r} {_describe(spec)}."
             )
     if len(inputs) != 1:
         raise ServeError(
@@ -265,18 +284,18 @@ def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview) -
     tensor = inputs[0]
     datatype = tensor.get("datatype")
     if datatype not in KNOWN_DATATYPES:
-        raise ServeError(f"Input tensor {spec.name!r}: unknown datatype {datatype!r}.")
+        raise ServeError(f"Input tensor {spec.name!r}: unknown datatype {_short(datatype)}.")
     if datatype != datatype_of(expected_dtype):
         raise ServeError(
             f"Input tensor {spec.name!r} has datatype {datatype}, but the model expects {_describe(spec)}."
         )
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape
     ):
         raise ServeError(
             f"Input tensor {spec.name!r}: shape must be a list of non-negative integers, "
-            f"expected {_shape(spec)}."
+            f"expected {_shape(spec)}, got {_short(shape)}."
         )
     expected = _shape(spec)
     if (
@@ -288,8 +307,16 @@ def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview) -
             f"Input tensor {spec.name!r} has shape {shape}, but the model expects shape {expected} "
             f"({datatype_of(expected_dtype)})."
         )
+    if shape and shape[0] > max_rows:
+        raise ServeError(
+            f"Input tensor {spec.name!r} has a batch of {shape[0]}; this server takes at most {max_rows} "
+            "per request (--max-request-images). Send the rest in further requests.",
+            status=413,
+        )
     count = int(np.prod(shape))
     params = tensor.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ServeError(f"Input tensor {spec.name!r}: parameters must be an object.")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size != count * expected_dtype.itemsize:
@@ -308,8 +335,8 @@ def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview) -
         raise ServeError(f'Input tensor {spec.name!r} has no data (give "data" or binary_data_size).')
     try:
         array = np.asarray(data, dtype=expected_dtype)
-    except (ValueError, TypeError):
-        raise ServeError(f"Input tensor {spec.name!r}: data must be numbers ({datatype}).") from None
+    except (ValueError, TypeError, OverflowError):
+        raise ServeError(f"Input tensor {spec.name!r}: data must be numbers that fit {datatype}.") from None
     if array.size != count:
         raise ServeError(
             f"Input tensor {spec.name!r}: shape {shape} needs {count} values, data has {array.size}."
@@ -328,14 +355,15 @@ def _requested_outputs(header: dict[str, Any], card: ModelCard) -> list[tuple[st
     for item in requested:
         if not isinstance(item, dict) or item.get("name") not in names:
             given = item.get("name") if isinstance(item, dict) else item
-            raise ServeError(f"Unknown output tensor {given!r}; the model has {', '.join(names)}.")
+            raise ServeError(f"Unknown output tensor {_short(given)}; the model has {', '.join(names)}.")
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise ServeError(f"Output {item['name']!r}: parameters must be an object.")
+        _flag(params, "binary_data", f"Output {item['name']!r}: parameter")
         k = params.get("classification")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ServeError(
-                f"Output {item['name']!r}: classification must be a positive integer, got {k!r}."
+                f"Output {item['name']!r}: classification must be a positive integer, got {_short(k)}."
             )
         result.append((item["name"], params))
     return result
@@ -366,7 +394,7 @@ def _infer_answer(
     outputs: dict[str, np.ndarray],
     card: ModelCard,
 ) -> Answer:
-    binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    binary_default = (header.get("parameters") or {}).get("binary_data_output", False)  # checked: a bool
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, params in requested:

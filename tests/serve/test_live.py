@@ -121,6 +121,45 @@ def test_keep_alive_pipelining_and_vanishing_clients(
     assert _predict(shapes_server, files={"file": (path.name, path.read_bytes())}).status_code == 200
 
 
+def test_an_answer_before_the_body_is_read_keeps_the_connection(
+    shapes_server: LiveServer, shapes_images: list[Path]
+) -> None:
+    """A 404/405 answered before a large body was read (gunicorn alone drains 64 kB, then hangs up after
+    promising keep-alive): the same connection serves the next request, as V2 clients expect."""
+    big = b"\x00" * 1_000_000
+    predict = _http_request(shapes_server, "POST", "/predict", shapes_images[0].read_bytes(), "image/jpeg")
+    address = shapes_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((address[0], int(address[1])), timeout=30) as sock:
+        stream = sock.makefile("rb")
+        for method, path, status in (
+            ("POST", "/models/nope/predict", 404),
+            ("POST", "/v2/models/nope/infer", 404),
+            ("POST", "/v2/health/live", 405),
+            ("PUT", "/models", 405),
+        ):
+            sock.sendall(_http_request(shapes_server, method, path, big, "application/octet-stream"))
+            answer, headers, body = _read_response(stream)
+            assert answer == status, (path, body)
+            assert "error" in json.loads(body)
+            assert headers.get("connection", "").lower() != "close"
+            sock.sendall(predict)
+            assert _read_response(stream)[0] == 200, path
+
+
+def test_a_malformed_chunked_body_is_a_json_400(shapes_server: LiveServer) -> None:
+    address = shapes_server.url.removeprefix("http://").split(":")
+    for path in ("/predict", "/v2/models/shapes/infer"):
+        with socket.create_connection((address[0], int(address[1])), timeout=30) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                "Transfer-Encoding: chunked\r\n\r\nzz\r\n".encode()
+            )
+            status, _headers, body = _read_response(sock.makefile("rb"))
+        assert status == 400, body
+        assert json.loads(body)["error"].startswith("The request is malformed: ")
+    assert "Traceback" not in shapes_server.log()
+
+
 def test_idle_kept_alive_connection_does_not_hold_the_only_thread(
     live_server_factory,
     shapes_onnx: Path,

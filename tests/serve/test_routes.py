@@ -150,6 +150,69 @@ def test_bad_input_is_a_4xx_with_a_reason(
     assert r.content_type == "application/json"
 
 
+def test_json_and_base64_forms(client: FlaskClient, shapes_images: list[Path]) -> None:
+    data = shapes_images[0].read_bytes()
+    wrapped = base64.encodebytes(data).decode()  # 76 columns with line breaks, as the base64 tool writes
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    assert "\n" in wrapped
+    assert "-" in urlsafe or "_" in urlsafe
+    for text in (wrapped, urlsafe):
+        r = client.post("/predict", json={"image": text})
+        assert r.status_code == 200, r.json
+        assert r.json["predictions"][0]["label"] == label_of(shapes_images[0])
+    broken = client.post("/predict", data=b'{"image": ', content_type="application/json")
+    assert broken.status_code == 400
+    assert "not valid JSON" in broken.json["error"]
+
+
+def test_too_many_images_in_one_request_is_413(shapes_onnx: Path, shapes_images: list[Path]) -> None:
+    client = make_app(("shapes", shapes_onnx), max_request_images=2).test_client()
+    data = shapes_images[0].read_bytes()
+    files = [("file", (io.BytesIO(data), f"{i}.jpg")) for i in range(3)]
+    many = client.post("/predict", data={"file": [f[1] for f in files]}, content_type="multipart/form-data")
+    as_json = client.post("/predict", json={"images": [base64.b64encode(data).decode()] * 3})
+    for r in (many, as_json):
+        assert r.status_code == 413, r.json
+        assert "at most 2 per request (--max-request-images)" in r.json["error"]
+    two = client.post("/predict", json={"images": [base64.b64encode(data).decode()] * 2})
+    assert two.status_code == 200
+    assert len(two.json["predictions"]) == 2
+
+
+def test_a_bad_image_in_a_batch_is_named(client: FlaskClient, shapes_images: list[Path]) -> None:
+    good = shapes_images[0].read_bytes()
+    files = [(io.BytesIO(good), "a.jpg"), (io.BytesIO(b"not an image"), "b.txt"), (io.BytesIO(good), "c.jpg")]
+    r = client.post("/predict", data={"file": files}, content_type="multipart/form-data")
+    assert r.status_code == 415
+    assert r.json["error"].startswith("'b.txt' (2 of 3): ")
+    r = client.post(
+        "/predict", json={"images": [base64.b64encode(good).decode(), base64.b64encode(b"xx").decode()]}
+    )
+    assert r.status_code in (400, 415)
+    assert r.json["error"].startswith("image 2 of 2: ")
+
+
+def test_paths_flask_matches_but_the_hot_route_does_not(
+    client: FlaskClient, shapes_images: list[Path]
+) -> None:
+    # Flask merges "//" into "/"; such a POST is answered by the same handler through Flask (it was a 500)
+    data = shapes_images[0].read_bytes()
+    for path in ("//predict", "//models/shapes/predict"):
+        r = client.post(
+            "/predict", data=data, content_type="image/jpeg", environ_overrides={"PATH_INFO": path}
+        )
+        assert r.status_code == 200, (path, r.json)
+        assert r.json["predictions"][0]["label"] == label_of(shapes_images[0])
+    r = client.post(
+        "/predict",
+        data=data,
+        content_type="image/jpeg",
+        environ_overrides={"PATH_INFO": "//models/nope/predict"},
+    )
+    assert r.status_code == 404
+    assert "'nope'" in r.json["error"]
+
+
 def test_truncated_jpeg(client: FlaskClient, shapes_images: list[Path]) -> None:
     data = shapes_images[0].read_bytes()
     r = client.post("/predict", data=data[: len(data) // 2], content_type="image/jpeg")
@@ -333,6 +396,7 @@ def test_failed_self_test_is_not_ready(
     refused = client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
     assert refused.status_code == 503
     assert "Retry-After" in refused.headers
+    assert 'deploykit_model_ready{model="bad"} 0.0' in client.get("/metrics").get_data(as_text=True)
     skipped = make_app(("bad", bad), self_test=False).test_client()
     assert skipped.get("/v2/health/ready").status_code == 200
 
@@ -353,7 +417,17 @@ def test_metrics_after_traffic(client: FlaskClient, shapes_images: list[Path]) -
     assert count("deploykit_requests_in_flight") == 1.0
     # a method token of the client's choosing is counted as "other", not as a new series
     assert client.open("/predict", method="BREW").status_code == 405
-    assert count('deploykit_requests_total{method="other",model="",route="unmatched",status="405"}') >= 1
+    # a 405 is counted under the route it was sent to
+    assert count('deploykit_requests_total{method="other",model="shapes",route="/predict",status="405"}') >= 1
+    assert client.get("/models/resnet18/predict").status_code == 405
+    assert (
+        count(
+            'deploykit_requests_total{method="GET",model="resnet18",route="/models/<name>/predict",status="405"}'
+        )
+        == 1
+    )
+    assert client.get("/no/such/path").status_code == 404
+    assert count('deploykit_requests_total{method="GET",model="",route="unmatched",status="404"}') >= 1
     text = client.get("/metrics").get_data(as_text=True)
     assert "BREW" not in text
     for series in (
@@ -506,3 +580,16 @@ def test_background_loading_not_ready_then_requests_wait(
     r = client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
     assert r.status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_answers_are_strict_json_and_options_finite(shapes_onnx: Path) -> None:
+    from deploykit.serve.app import json_bytes
+
+    # JSON has no NaN or infinity: they are written as null
+    assert (
+        json_bytes({"a": float("nan"), "b": [1.5, float("-inf")], "c": "x"})
+        == b'{"a":null,"b":[1.5,null],"c":"x"}'
+    )
+    for option in ("request_timeout", "max_body_mb", "graceful_timeout", "max_batch_delay_ms"):
+        with pytest.raises(UsageError, match="must be a finite number"):
+            ServeConfig(models=(ModelSpec("shapes", shapes_onnx),), **{option: float("nan")})  # type: ignore[arg-type]

@@ -392,7 +392,10 @@ def test_broken_bodies_are_a_400_not_a_crash(client: FlaskClient, body: bytes) -
     assert parse_files(body, BOUNDARY) is None
     r = client.post("/predict", data=body, content_type=MULTIPART)
     assert r.status_code == 400
-    assert r.json == {"error": "The multipart form has no file; send the image in the 'file' field."}
+    assert r.json == {
+        "error": "The multipart form has no file (or does not follow its boundary); "
+        "send the image in the 'file' field."
+    }
 
 
 def test_more_than_1000_parts_is_413(client: FlaskClient, shapes_images: list[Path]) -> None:

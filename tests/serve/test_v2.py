@@ -219,6 +219,43 @@ def test_other_bad_requests(client: FlaskClient) -> None:
     assert client.get("/v2/models/nope/ready").status_code == 404
 
 
+GOOD_INPUT = {"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.0] * 12288}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"inputs": [GOOD_INPUT], "parameters": [1]}, 400, '"parameters" must be an object'),
+        ({"inputs": [GOOD_INPUT], "parameters": "x"}, 400, '"parameters" must be an object'),
+        ({"inputs": [GOOD_INPUT], "parameters": {"binary_data_output": "no"}}, 400, "true or false"),
+        ({"inputs": [{**GOOD_INPUT, "parameters": "binary_data_size"}]}, 400, "parameters must be an object"),
+        (
+            {"inputs": [GOOD_INPUT], "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]},
+            400,
+            "binary_data must be true or false",
+        ),
+        ({"inputs": [{**GOOD_INPUT, "data": [10**400] + [0] * 12287}]}, 400, "must be numbers that fit FP32"),
+        ({"inputs": [{**GOOD_INPUT, "shape": [10**400, 3, 64, 64]}]}, 400, "non-negative integers"),
+        ({"inputs": [{**GOOD_INPUT, "shape": [65, 3, 64, 64]}]}, 413, "at most 64 per request"),
+    ],
+)
+def test_malformed_parameters_and_values_are_4xx(
+    client: FlaskClient, body: dict, status: int, words: str
+) -> None:
+    r = _infer(client, body)
+    assert r.status_code == status, r.json
+    assert words in r.json["error"]
+    assert len(r.json["error"]) < 300  # a huge value sent is not echoed back
+
+
+def test_json_beyond_python_limits_is_400(client: FlaskClient) -> None:
+    # an integer literal over Python's 4300-digit limit is a ValueError, not a JSONDecodeError
+    body = b'{"id": 1' + b"0" * 5000 + b', "inputs": []}'
+    r = client.post("/v2/models/shapes/infer", data=body, content_type="application/json")
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json["error"]
+
+
 # --- live server, real V2 client ---------------------------------------------------------------------------
 
 

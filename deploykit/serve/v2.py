@@ -229,7 +229,10 @@ def _split_body(req: Request) -> tuple[dict[str, Any], memoryview]:
         except ValueError:
             raise ServeError(f"{HEADER_LENGTH} must be an integer, got {raw_length!r}.") from None
         if not 0 < length <= len(body):
-            raise ServeError(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes.")
+            raise ServeError(
+                f"{HEADER_LENGTH} is {length}: it must be the JSON header's length, between 1 and the "
+                f"body's {len(body)} bytes."
+            )
     else:
         length = len(body)
     try:

@@ -8,12 +8,15 @@ exits, and the master exits 0.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -29,6 +32,17 @@ log = logging.getLogger("deploykit.serve")
 #: worker's poller at once. A client that posts back to back then skips two thread hand-offs per request
 #: (about 0.2 ms at one client; docs/benchmarks.md).
 KEEPALIVE_LINGER_MS = 2.0
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+}
 
 
 def configure_logging(level: str) -> None:
@@ -117,9 +131,9 @@ def worker_class() -> type:
     from gunicorn.workers.gthread import ThreadWorker
 
     class DeployKitWorker(ThreadWorker):
-        """gthread worker that reports not-ready as soon as it is told to stop, and answers a client's next
+        """gthread worker that reports not-ready as soon as it is told to stop, answers a client's next
         request on a kept-alive connection in the same thread when it comes at once (see
-        ``KEEPALIVE_LINGER_MS``)."""
+        ``KEEPALIVE_LINGER_MS``), and answers its own errors in JSON."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -137,6 +151,17 @@ def worker_class() -> type:
             finally:
                 with self._handling_lock:
                     self._handling -= 1
+
+        def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+            """Answer an error that gunicorn met outside the app (a malformed request line or header, headers
+            over its limits...) in JSON with gunicorn's status, instead of gunicorn's HTML page."""
+            status, message = _error_answer(exc, self.cfg)
+            ip = addr[0] if addr else ""
+            if status == 500:  # 501 (an unknown transfer coding) is the client's
+                self.log.exception("Error handling request from %s", ip)
+            else:
+                self.log.warning("Invalid request from ip=%s: %s", ip, message)
+            _write_json_error(client, status, message)
 
         def _next_request_here(self, conn: Any) -> bool:
             """Whether the next request on this kept-alive connection is already here or arrives within
@@ -165,6 +190,53 @@ def worker_class() -> type:
                     listener.close()
 
     return DeployKitWorker
+
+
+def _write_json_error(sock: socket.socket, status: int, message: str) -> None:
+    body = json.dumps({"error": message}, separators=(",", ":")).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with contextlib.suppress(OSError):  # the client is gone or reads nothing: the connection closes anyway
+        sock.sendall(head.encode("latin-1") + body, socket.MSG_DONTWAIT)
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error_answer(exc: BaseException, cfg: Any) -> tuple[int, str]:
+    """The status (gunicorn's) and a one-line message for an error that gunicorn met outside the app."""
+    from gunicorn.http import errors
+
+    if isinstance(
+        exc, errors.InvalidResponseHeader | errors.InvalidResponseHeaderName | errors.ConfigurationProblem
+    ):
+        return 500, "Internal server error; the server log has the details."
+    if isinstance(exc, errors.LimitRequestLine):
+        return (
+            414,
+            f"The request line (method, path and query) is longer than {cfg.limit_request_line} bytes.",
+        )
+    if isinstance(exc, errors.LimitRequestHeaders):
+        return 431, (
+            f"The request headers are too large: at most {cfg.limit_request_fields} headers of up to "
+            f"{cfg.limit_request_field_size} bytes each."
+        )
+    if isinstance(exc, errors.UnsupportedTransferCoding):
+        return 501, f"{_clip(str(exc))}; only 'chunked' is supported."
+    if isinstance(exc, errors.ExpectationFailed):
+        return 417, f"{_clip(str(exc))}; only 'Expect: 100-continue' is supported."
+    if isinstance(exc, errors.ForbiddenProxyRequest):
+        return 403, "Proxy requests from this address are not allowed."
+    if isinstance(
+        exc, errors.InvalidChunkSize | errors.ChunkMissingTerminator | errors.InvalidChunkExtension
+    ):
+        return 400, f"The chunked request body is malformed: {_clip(str(exc))}."
+    if isinstance(exc, errors.ParseException):
+        return 400, f"The request is not valid HTTP/1.1: {_clip(str(exc))}."
+    return 500, "Internal server error; the server log has the details."
 
 
 def _run_gunicorn(config: ServeConfig) -> int:

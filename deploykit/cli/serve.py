@@ -44,6 +44,12 @@ def serve(
     graceful_timeout: float = typer.Option(
         30.0, "--graceful-timeout", help="Seconds to finish requests on SIGTERM."
     ),
+    client_timeout: float = typer.Option(
+        10.0,
+        "--client-timeout",
+        help="Seconds a client may take to send a request's line and headers, or stall while sending the "
+        "body or reading the answer (408, then the connection is closed).",
+    ),
     api_key: str | None = typer.Option(
         None,
         "--api-key",
@@ -98,5 +104,6 @@ def serve(
         self_test=not no_self_test,
         dev=dev,
         log_level=log_level.lower(),
+        client_timeout=client_timeout,
     )
     raise typer.Exit(run_server(config, announce=info))

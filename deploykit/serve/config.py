@@ -21,6 +21,10 @@ MAX_BATCH_ONE_AT_A_TIME = 8
 #: median p99 224 ms at 2 against 320 ms at 8, throughput within 2%; docs/benchmarks.md).
 MAX_BATCH_SIDE_BY_SIDE = 2
 
+#: Default seconds a client may take to send a request's head, or stall while sending its body or reading the
+#: answer, before the server gives up on it (``--client-timeout``).
+DEFAULT_CLIENT_TIMEOUT = 10.0
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -41,8 +45,10 @@ class ServeConfig:
     """Everything the server needs; built by the CLI or by code, never from Typer objects.
 
     ``models`` are served in order, the first is the default for ``POST /predict``. ``request_timeout`` and
-    ``graceful_timeout`` are seconds. ``instances``, ``intra_op_threads`` and ``max_batch_size`` None pick
-    values for the machine (``registry.inference_plan``).
+    ``graceful_timeout`` are seconds, and so is ``client_timeout``: how long a client may take to send a
+    request's line and headers, or stall while sending its body or reading the answer (408).
+    ``instances``, ``intra_op_threads`` and ``max_batch_size`` None pick values for the machine
+    (``registry.inference_plan``).
     ``load_in_background`` makes ``create_app`` return at once (liveness answers while models load).
     """
 
@@ -67,6 +73,7 @@ class ServeConfig:
     dev: bool = False
     log_level: str = "info"
     max_image_pixels: int = 40_000_000
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     load_in_background: bool = False
 
     def __post_init__(self) -> None:
@@ -87,6 +94,10 @@ class ServeConfig:
                 f"--max-batch-delay-ms must be >= 0, got {self.max_batch_delay_ms}",
             ),
             (self.max_queue < 1, f"--max-queue must be at least 1, got {self.max_queue}"),
+            (
+                not 0 < self.client_timeout < float("inf"),
+                f"--client-timeout must be a positive number of seconds, got {self.client_timeout}",
+            ),
             (self.request_timeout <= 0, f"--request-timeout must be positive, got {self.request_timeout}"),
             (self.max_body_mb <= 0, f"--max-body-mb must be positive, got {self.max_body_mb}"),
             (

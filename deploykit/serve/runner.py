@@ -4,6 +4,11 @@ Models are loaded in each worker after the fork (ONNX Runtime sessions and threa
 never in the master. On SIGTERM the master closes the listening socket and tells the workers to stop; each
 worker reports not-ready at once, finishes the requests it accepted (bounded by ``graceful_timeout``) and
 exits, and the master exits 0.
+
+A slow client cannot hold a handler thread for long (``--client-timeout``): a request head (request line and
+headers) is gathered without a thread, on the worker's poller, and must be complete within the timeout (else
+408, or the connection is closed if it goes quiet); every blocking read or write in a handler thread (the
+body, the answer) fails after the timeout without progress (408 while reading the body).
 """
 
 from __future__ import annotations
@@ -14,16 +19,19 @@ import logging
 import math
 import os
 import select
+import selectors
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from deploykit.serve.config import ServeConfig
+from deploykit.serve.config import DEFAULT_CLIENT_TIMEOUT, ServeConfig
 
 log = logging.getLogger("deploykit.serve")
 
@@ -32,6 +40,22 @@ log = logging.getLogger("deploykit.serve")
 #: worker's poller at once. A client that posts back to back then skips two thread hand-offs per request
 #: (about 0.2 ms at one client; docs/benchmarks.md).
 KEEPALIVE_LINGER_MS = 2.0
+
+#: Most bytes of an unfinished request head held for a connection while the rest arrives (a head that
+#: has not ended by then is answered 431). Heads are gathered off-thread, so this bounds their memory.
+MAX_PENDING_HEAD = 64 * 1024
+
+#: How long a handler thread waits for the first bytes of a new connection's request before it hands the
+#: connection to the worker's poller (gunicorn waits 5 s, so idle connections could hold every thread).
+NEW_CONNECTION_WAIT_MS = 10.0
+
+#: How long, and for how many bytes at most, a connection being closed reads what the client still sends
+#: (as gunicorn's ``close_graceful``, but on the poller instead of blocking it).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024
+
+#: Bytes asked for by each read of a request head (gunicorn's parser reads 8 KiB at a time too).
+HEAD_READ = 8192
 
 _REASONS = {
     400: "Bad Request",
@@ -127,30 +151,234 @@ def _run_dev(config: ServeConfig) -> int:
     return 0
 
 
-def worker_class() -> type:
-    from gunicorn.workers.gthread import ThreadWorker
+def worker_class(client_timeout: float = DEFAULT_CLIENT_TIMEOUT) -> type:
+    """The gunicorn worker class; ``client_timeout`` is ``ServeConfig.client_timeout``."""
+    timeout = client_timeout  # a class body cannot read a name of the enclosing function that it assigns
+    from gunicorn.http.unreader import SocketUnreader
+    from gunicorn.workers.gthread import _DEFER, ThreadWorker
+    from werkzeug.exceptions import RequestTimeout
+
+    class DeployKitUnreader(SocketUnreader):
+        """Reads a connection whose socket has ``SO_RCVTIMEO`` set: a read that times out (``EAGAIN`` on a
+        blocking socket) becomes a 408 that the app answers like its other HTTP errors. After that the client
+        counts as gone: later reads (the app draining the body before its answer) fail at once instead of
+        waiting once more."""
+
+        client_timeout = timeout
+        timed_out = False
+
+        def chunk(self, size_hint: int | None = None) -> bytes:
+            if not self.timed_out:
+                try:
+                    data: bytes = super().chunk(size_hint)
+                except BlockingIOError:
+                    self.timed_out = True
+                else:
+                    return data
+            raise RequestTimeout(
+                f"The request body stalled: nothing arrived for {self.client_timeout:g} s "
+                "(the server's --client-timeout)."
+            )
 
     class DeployKitWorker(ThreadWorker):
         """gthread worker that reports not-ready as soon as it is told to stop, answers a client's next
         request on a kept-alive connection in the same thread when it comes at once (see
-        ``KEEPALIVE_LINGER_MS``), and answers its own errors in JSON."""
+        ``KEEPALIVE_LINGER_MS``), gathers request heads without holding a thread and times out stalled
+        clients (``--client-timeout``), and answers its own errors in JSON."""
+
+        client_timeout = timeout
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._handling = 0
             self._handling_lock = threading.Lock()
+            self._lingering: dict[socket.socket, tuple[float, int]] = {}  # socket: (deadline, bytes left)
+            seconds = int(self.client_timeout)
+            self._timeval = struct.pack("ll", seconds, int((self.client_timeout - seconds) * 1e6))
+            self._plain = not self.cfg.is_ssl  # deploykit configures no TLS; checked once, not per request
 
         def handle(self, conn: Any) -> Any:
             with self._handling_lock:
                 self._handling += 1
             try:
-                result = super().handle(conn)
+                result = self._serve(conn)
                 while result is True and self._next_request_here(conn):
-                    result = super().handle(conn)
+                    result = self._serve(conn)
                 return result
             finally:
                 with self._handling_lock:
                     self._handling -= 1
+
+        def _serve(self, conn: Any) -> Any:
+            if not self._plain or conn.is_http2:  # never configured by deploykit: gunicorn's own path
+                return super().handle(conn)
+            if not conn.initialized:
+                try:
+                    self._init_connection(conn)
+                except OSError:  # the client is already gone
+                    return False
+            ready = self._read_head(conn)
+            if ready is not True:
+                return ready
+            return super().handle(conn)
+
+        def _init_connection(self, conn: Any) -> None:
+            """Set up a new plain HTTP/1 connection: its parser reads through ``DeployKitUnreader``, and
+            every blocking read or write on its socket gives up after ``client_timeout`` without progress
+            (kernel timeouts: set once here, they cost nothing per request, and gunicorn's
+            ``setblocking(True)`` before each request does not clear them as it clears ``settimeout``)."""
+            conn.init()
+            conn.parser.unreader = DeployKitUnreader(conn.sock)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval)
+            conn.head_deadline = None
+
+        def _read_head(self, conn: Any) -> Any:
+            """Gather the next request's head (request line and headers) into the parser's buffer.
+
+            True when it is complete (or over gunicorn's limits, which the parser then reports) and the
+            request can be parsed without waiting for the client; ``_DEFER`` to give the connection back to
+            the poller until more arrives (no thread waits on a slow client); False when the connection is
+            to be closed (the client left, or a 408 or 431 was answered). On a kept-alive connection the
+            usual cost is the one ``recv`` that the parser would otherwise have made.
+            """
+            buffer = conn.parser.unreader.buf
+            held = buffer.getvalue()
+            if _head_complete(held):  # pipelined behind the previous request
+                conn.head_deadline = None
+                return True
+            waited = conn.parser.req_count > 0  # only a new connection waits briefly for its first bytes
+            while True:
+                try:
+                    data = conn.sock.recv(HEAD_READ, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    data = None
+                except OSError:
+                    return False
+                if data == b"":  # the client closed the connection
+                    return False
+                if data:
+                    buffer.seek(0, os.SEEK_END)
+                    buffer.write(data)
+                    held += data
+                    if _head_complete(held):
+                        conn.head_deadline = None
+                        return True
+                    if len(held) > MAX_PENDING_HEAD:
+                        message = (
+                            f"The request line and headers are over {MAX_PENDING_HEAD // 1024} KiB in all."
+                        )
+                        self._refuse(conn, 431, message)
+                        return False
+                    continue
+                now = time.monotonic()
+                if conn.head_deadline is None:
+                    conn.head_deadline = now + self.client_timeout
+                remaining = conn.head_deadline - now
+                if remaining <= 0:
+                    if held:
+                        self._refuse(conn, 408, self._late_head_message())
+                    return False
+                if not waited:
+                    waited = True
+                    if _readable(conn.sock, NEW_CONNECTION_WAIT_MS):
+                        continue
+                if self.alive:
+                    return _DEFER
+                # stopping: the poller no longer takes connections back; wait here, bounded by the deadline
+                _readable(conn.sock, remaining * 1000)
+
+        def murder_pending(self) -> None:
+            """Close the connections waiting on the poller for the rest of a request head that is overdue
+            (``client_timeout``), or that went quiet for the keep-alive time (as gunicorn does); a client
+            that sent part of a head is answered 408."""
+            now = time.monotonic()
+            for conn in [c for c in self.pending_conns if c.timeout <= now or _overdue(c, now)]:
+                self.pending_conns.remove(conn)
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    self.poller.unregister(conn.sock)
+                self.nr_conns -= 1
+                if conn.parser is not None and conn.parser.unreader.buf.getvalue():
+                    if _overdue(conn, now):
+                        self._refuse(conn, 408, self._late_head_message())
+                    else:
+                        quiet = f"nothing more arrived for {self.cfg.keepalive:g} s"
+                        self._refuse(conn, 408, f"The request line and headers stalled: {quiet}.")
+                self._close_lingering(conn.sock)
+
+        def finish_request(self, conn: Any, fs: Any) -> None:
+            """As gunicorn's, except that a connection to close lingers on the poller (see
+            ``_close_lingering``): gunicorn lingers in this thread, the worker's only poller, for up to 2 s
+            per connection, during which no other connection is accepted or served, so that a few clients
+            that never close their end after a ``Connection: close`` answer stalled the whole worker."""
+            if not fs.cancelled() and fs.exception() is None and fs.result() is False:
+                self.nr_conns -= 1
+                self._close_lingering(conn.sock)
+                return
+            super().finish_request(conn, fs)
+
+        def _close_lingering(self, sock: socket.socket) -> None:
+            """Close ``sock`` after its answer as RFC 9112 section 9.6 asks, without blocking: send FIN, then
+            discard what the client still sends until it closes too, ``LINGER_BYTES`` have come or
+            ``LINGER_SECONDS`` have passed (closing with unread data would send a reset, which can destroy
+            the answer before the client reads it)."""
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                sock.setblocking(False)
+                self.poller.register(sock, selectors.EVENT_READ, self._drain_lingering)
+            except (OSError, ValueError, KeyError):
+                sock.close()
+                return
+            self._lingering[sock] = (time.monotonic() + LINGER_SECONDS, LINGER_BYTES)
+
+        def _drain_lingering(self, sock: socket.socket) -> None:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:  # reset by the client
+                data = b""
+            left = self._lingering[sock][1] - len(data)
+            if data and left > 0:
+                self._lingering[sock] = (self._lingering[sock][0], left)
+            else:
+                self._end_lingering(sock)
+
+        def _end_lingering(self, sock: socket.socket) -> None:
+            del self._lingering[sock]
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self.poller.unregister(sock)
+            sock.close()
+
+        def murder_keepalived(self, force: bool = False) -> None:
+            super().murder_keepalived(force)
+            if self._lingering:
+                now = time.monotonic()
+                for sock in [
+                    s for s, (deadline, _left) in self._lingering.items() if force or deadline <= now
+                ]:
+                    self._end_lingering(sock)
+
+        def _late_head_message(self) -> str:
+            return (
+                f"The request line and headers did not arrive within {self.client_timeout:g} s "
+                "(the server's --client-timeout)."
+            )
+
+        def _refuse(self, conn: Any, status: int, message: str) -> None:
+            self.log.info("Closing the connection from %s: %s %s", conn.client[0], status, message)
+            _write_json_error(conn.sock, status, message)
+
+        def handle_request(self, req: Any, conn: Any) -> Any:
+            try:
+                return super().handle_request(req, conn)
+            except BlockingIOError:  # SO_SNDTIMEO: the client has read nothing of the answer for that long
+                self.log.info(
+                    "Closing the connection from %s: it read nothing of the answer for %g s",
+                    conn.client[0],
+                    self.client_timeout,
+                )
+                return False
 
         def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
             """Answer an error that gunicorn met outside the app (a malformed request line or header, headers
@@ -171,9 +399,7 @@ def worker_class() -> type:
                 return False
             if conn.parser.unreader.buf.getvalue():  # pipelined: the next request was read with this one
                 return True
-            poller = select.poll()
-            poller.register(conn.sock, select.POLLIN)
-            return bool(poller.poll(KEEPALIVE_LINGER_MS))
+            return _readable(conn.sock, KEEPALIVE_LINGER_MS)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             registry = getattr(self.wsgi, "extensions", {}).get("deploykit")
@@ -190,6 +416,23 @@ def worker_class() -> type:
                     listener.close()
 
     return DeployKitWorker
+
+
+def _overdue(conn: Any, now: float) -> bool:
+    deadline = getattr(conn, "head_deadline", None)
+    return deadline is not None and deadline <= now
+
+
+def _readable(sock: socket.socket, timeout_ms: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_ms))
+
+
+def _head_complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole request head, or so much that gunicorn's parser refuses it without
+    reading more (a bare LF, which it rejects, counts as an end)."""
+    return b"\r\n\r\n" in data or b"\n\n" in data
 
 
 def _write_json_error(sock: socket.socket, status: int, message: str) -> None:
@@ -209,7 +452,10 @@ def _clip(text: str, limit: int = 120) -> str:
 def _error_answer(exc: BaseException, cfg: Any) -> tuple[int, str]:
     """The status (gunicorn's) and a one-line message for an error that gunicorn met outside the app."""
     from gunicorn.http import errors
+    from werkzeug.exceptions import HTTPException
 
+    if isinstance(exc, HTTPException):  # a 408 from DeployKitUnreader
+        return exc.code or 400, exc.description or "Bad request."
     if isinstance(
         exc, errors.InvalidResponseHeader | errors.InvalidResponseHeaderName | errors.ConfigurationProblem
     ):
@@ -263,7 +509,7 @@ def _run_gunicorn(config: ServeConfig) -> int:
         "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
         "workers": config.workers,
         "threads": config.threads,
-        "worker_class": worker_class(),
+        "worker_class": worker_class(config.client_timeout),
         "graceful_timeout": math.ceil(config.graceful_timeout),
         # the heartbeat timeout must outlast model loading and the longest request
         "timeout": max(120, int(config.request_timeout * 2)),

@@ -133,20 +133,82 @@ def check_models(config: ServeConfig) -> None:
 
 
 def _run_dev(config: ServeConfig) -> int:
+    """Flask's development server, threaded. SIGTERM stops accepting, waits for the requests already accepted
+    (bounded by ``graceful_timeout``) and returns 0; SIGINT (Ctrl-C) stops at once."""
+    from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
     from deploykit.serve.app import create_app, registry_of
 
     app = create_app(config.replace(load_in_background=True))
 
+    class Server(ThreadedWSGIServer):
+        """Counts the connections that are busy: accepted and not yet answered, or with a request being
+        read or answered. An idle kept-alive connection is not busy and does not delay a stop."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.busy = 0
+            self.settled = threading.Condition()
+
+        def count(self, delta: int) -> None:
+            with self.settled:
+                self.busy += delta
+                if not self.busy:
+                    self.settled.notify_all()
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            self.count(1)  # here, in the accepting thread: a stop cannot miss a connection just accepted
+            super().process_request(request, client_address)
+
+    class Handler(WSGIRequestHandler):
+        timeout = config.client_timeout  # a client that stalls is dropped, not waited for at a stop
+        server: Server
+        busy = True  # counted by Server.process_request
+
+        def parse_request(self) -> bool:  # a request line arrived on a kept-alive connection
+            if not self.busy:
+                self.busy = True
+                self.server.count(1)
+            return bool(super().parse_request())
+
+        def handle_one_request(self) -> None:
+            try:
+                super().handle_one_request()
+            finally:
+                self._idle()
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                self._idle()
+
+        def _idle(self) -> None:
+            if self.busy:
+                self.busy = False
+                self.server.count(-1)
+
+    server = Server(config.host, config.port, app, handler=Handler)
+    stop = threading.Event()
+
     def _stop(_sig: int, _frame: Any) -> None:
         registry_of(app).draining = True
-        raise KeyboardInterrupt
+        stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
+    serving = threading.Thread(target=server.serve_forever, name="deploykit-dev-server", daemon=True)
+    serving.start()
     try:
-        app.run(host=config.host, port=config.port, threaded=True, use_reloader=False)
+        stop.wait()
+        server.shutdown()  # no new connections; the handler threads go on
+        deadline = time.monotonic() + config.graceful_timeout
+        with server.settled:
+            while server.busy and (remaining := deadline - time.monotonic()) > 0:
+                server.settled.wait(remaining)
     except KeyboardInterrupt:
-        pass
+        server.shutdown()
     finally:
+        server.server_close()
         registry_of(app).close()
     return 0
 

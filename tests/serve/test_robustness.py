@@ -218,14 +218,16 @@ def test_protocol_errors_are_json(shapes_server: LiveServer, raw: bytes, status:
     assert requests.get(shapes_server.url + "/v2/health/live", timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("dev", [False, True], ids=["gunicorn", "dev"])
 def test_sigterm_finishes_a_request_still_arriving(
     live_server_factory,  # type: ignore[no-untyped-def]
     shapes_onnx: Path,
     shapes_images: list[Path],
+    dev: bool,
 ) -> None:
     """SIGTERM while a client is still sending its head, or its body: both requests are answered, new
-    connections are refused, and the server exits 0."""
-    server = live_server_factory(str(shapes_onnx), "--client-timeout", "20")
+    connections are refused, and the server exits 0 (with ``--dev`` too)."""
+    server = live_server_factory(str(shapes_onnx), *(["--dev"] if dev else []), "--client-timeout", "20")
     path = shapes_images[2]
     request = _predict_request(path.read_bytes(), close=True)
     head_end = request.index(b"\r\n\r\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import enum
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +34,10 @@ class Format(str, enum.Enum):
 
 
 def _jsonl_writer() -> Callable[[ImageResult], None]:
+    from deploykit.cli._output import to_json
+
     def write(result: ImageResult) -> None:
-        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+        sys.stdout.write(to_json(result.to_dict()) + "\n")
         sys.stdout.flush()  # one record as soon as it is known, for `| jq` and `| head`
 
     return write

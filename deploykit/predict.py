@@ -165,6 +165,17 @@ def _read_stdin(stdin: BinaryIO | None, used: list[str], what: str) -> bytes:
     return stdin.read()
 
 
+def _is_pattern(item: str) -> bool:
+    """Whether a path that does not exist is a glob: it has ``*`` or ``?``, or brackets that match files.
+
+    Brackets alone are more often part of a name (``photo[2].jpg``) than a pattern; such a missing name
+    gets its own "No such file" result, like any plain path, instead of stopping the run.
+    """
+    if not _GLOB_CHARS & set(item):
+        return False
+    return bool(set("*?") & set(item)) or bool(glob.glob(item, recursive=True))
+
+
 def _expand_one(item: str, *, allow_glob: bool) -> list[ImageSource]:
     path = Path(item)
     if path.is_dir():
@@ -175,7 +186,7 @@ def _expand_one(item: str, *, allow_glob: bool) -> list[ImageSource]:
             raise UsageError(f"No image files in directory {item!r}.",
                              hint="Images need a suffix such as .jpg, .png or .webp.")
         return [ImageSource(str(f)) for f in files]
-    if allow_glob and not path.exists() and _GLOB_CHARS & set(item):
+    if allow_glob and not path.exists() and _is_pattern(item):
         from deploykit.images import is_image_path, iter_image_files
 
         sources: list[ImageSource] = []

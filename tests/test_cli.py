@@ -195,6 +195,12 @@ def test_help_lists_commands_and_exit_codes() -> None:
         assert word in proc.stdout
 
 
+def test_export_help_says_which_int8_file_optimize_writes() -> None:
+    text = " ".join(run_cli("export", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "with --optimize, <stem>.int8.opt.onnx instead" in text
+    assert "<stem>.int8.opt.onnx only (no <stem>.int8.onnx)" in text
+
+
 def test_no_arguments_shows_help() -> None:
     proc = run_cli()
     assert "Traceback" not in proc.stderr

@@ -231,6 +231,34 @@ def test_v2_reports_undecodable_image_per_image(shapes_server: LiveServer, shape
     assert got[1]["label"] == true_label(shapes_images[0])
 
 
+def test_missing_name_with_brackets_is_one_failed_image(shapes_onnx: Path, shapes_images: list[Path],
+                                                        tmp_path: Path) -> None:
+    missing = tmp_path / "odd[2].jpg"  # a name, not a pattern: it must not stop the run as an empty glob
+    result = run_cli("predict", str(missing), str(shapes_images[0]), "--model-file", str(shapes_onnx))
+    assert result.returncode == 5, result.stderr
+    first, second = records(result.stdout)
+    assert first["path"] == str(missing)
+    assert first["error"] == f"No such file: {str(missing)!r}."
+    assert second["label"] == true_label(shapes_images[0])
+    pattern = run_cli("predict", str(tmp_path / "[ab]*.jpg"), "--model-file", str(shapes_onnx))
+    assert pattern.returncode == 2  # a real pattern that matches nothing is still a usage error
+    assert "No image files match" in pattern.stderr
+
+
+def test_table_shows_a_long_error_in_full(shapes_onnx: Path, shapes_images: list[Path],
+                                          tmp_path: Path) -> None:
+    missing = tmp_path / ("a-long-folder-name-" * 4) / "missing_zz.jpg"
+    result = run_cli("predict", str(missing), str(shapes_images[0]), "--model-file", str(shapes_onnx),
+                     "--format", "table", env={"COLUMNS": "70"})
+    assert result.returncode == 5, result.stderr
+    # The third column of the rows below the header, joined without the line breaks the table adds: the whole
+    # message, not "No such file: '/tm…".
+    cells = [line.split("\u2502")[2] for line in result.stdout.splitlines()[2:] if "\u2502" in line]
+    message = f"No such file: {str(missing)!r}."
+    assert "".join(message.split()) in "".join("".join(cells).split())
+    assert "\u2026" not in result.stdout
+
+
 def test_local_mode_gives_the_same_top1_as_the_server(shapes_server: LiveServer, shapes_onnx: Path) -> None:
     folder = REPO / "examples" / "shapes" / "images"
     served = run_cli("predict", str(folder), "--url", shapes_server.url)

@@ -67,7 +67,7 @@ def _render_table(run: PredictRun) -> None:
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("Image", overflow="fold", ratio=3)
     table.add_column("Model")
-    table.add_column("Top-k", ratio=2)
+    table.add_column("Top-k", overflow="fold", ratio=2)  # an error message in full, however long its path
     table.add_column("Latency", justify="right", no_wrap=True)
     for result in run.results:
         if result.error is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 
 import typer
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     from deploykit.cli._output import error
 
     # Commands that run their own process management (serve) install their own SIGTERM handler over this one.
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Python allows handlers only in the main thread; an embedding caller elsewhere keeps its own.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rv = app(args=argv, prog_name="deploykit", standalone_mode=False)
     except _EXIT as exc:

@@ -8,6 +8,7 @@ change) lands on all engines alike instead of on whichever ran at that moment. T
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -205,8 +206,8 @@ def bench_model(
         if iterations < 1:
             raise UsageError(f"--iterations must be at least 1, got {iterations}.")
         duration = None
-    elif duration is None or duration <= 0:
-        raise UsageError(f"--duration must be positive, got {duration}.")
+    elif duration is None or not 0 < duration < math.inf:  # NaN fails the comparison too, and never ends
+        raise UsageError(f"--duration must be a positive, finite number of seconds, got {duration}.")
 
     model = Path(path)
     card = read_card(model)

@@ -60,6 +60,9 @@ class Preprocess:
                             f"got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             problems.append("mean and std must have 3 values each")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            problems.append(f"mean and std must be finite numbers, got mean {list(self.mean)}, "
+                            f"std {list(self.std)}")
         if any(s == 0 for s in self.std):
             problems.append("std values must be non-zero")
         if self.channel_order not in ("RGB", "BGR"):
@@ -68,7 +71,7 @@ class Preprocess:
             problems.append(f"layout must be NCHW or NHWC, got {self.layout!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not self.scale > 0:
+        if not (self.scale > 0 and math.isfinite(self.scale)):
             problems.append(f"scale must be positive, got {self.scale}")
         if problems:
             raise ModelFileError("Invalid preprocessing in model card: " + "; ".join(problems) + ".")
@@ -162,6 +165,12 @@ class ModelCard:
     @property
     def dynamic_batch(self) -> bool:
         return self.input.dynamic_batch
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size a static-batch model takes (``--static-batch``); None when the batch is dynamic."""
+        first = self.input.shape[0] if self.input.shape else None
+        return first if isinstance(first, int) else None
 
     def label(self, index: int) -> str:
         return self.labels[index] if 0 <= index < len(self.labels) else str(index)

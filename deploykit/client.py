@@ -9,6 +9,7 @@ The client raises, never prints, and never imports torch; NumPy and Pillow are i
 from __future__ import annotations
 
 import json
+import math
 import random
 import struct
 import time
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -24,7 +25,7 @@ from requests.adapters import HTTPAdapter
 from deploykit import __version__
 from deploykit.card import ModelCard
 from deploykit.datatypes import NUMPY_BY_V2, V2_BY_NUMPY
-from deploykit.errors import ConnectionFailedError, RequestError
+from deploykit.errors import ConnectionFailedError, NonFiniteOutputError, RequestError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,9 +56,31 @@ class RestPrediction:
 
 
 def normalize_url(url: str) -> str:
-    """``localhost:5000/`` -> ``http://localhost:5000``."""
+    """``localhost:5000/`` -> ``http://localhost:5000``.
+
+    Raises:
+        UsageError: not an http(s) URL with a host, or a port that is not a number from 1 to 65535.
+    """
+    given = url
     url = url.strip().rstrip("/")
-    return url if "://" in url else f"http://{url}"
+    url = url if "://" in url else f"http://{url}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when it is not a number or out of range
+    except ValueError as exc:
+        raise _invalid_url(given, str(exc)) from exc
+    if parts.scheme.lower() not in ("http", "https"):
+        raise _invalid_url(given, f"the scheme {parts.scheme!r} is not http or https")
+    if not parts.hostname:
+        raise _invalid_url(given, "it names no host")
+    if port == 0:
+        raise _invalid_url(given, "port 0 cannot be connected to")
+    return url
+
+
+def _invalid_url(url: str, reason: str) -> UsageError:
+    return UsageError(f"Invalid --url {url!r}: {reason}.",
+                      hint="Give a server URL such as http://127.0.0.1:5000 (DEPLOYKIT_URL).")
 
 
 def _reason(exc: BaseException) -> str:
@@ -163,6 +186,9 @@ class PredictClient:
                         hint="Start it with `deploykit serve MODEL.onnx`, or point --url (DEPLOYKIT_URL) "
                         "at a running server.",
                     ) from exc
+            except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                    requests.exceptions.MissingSchema) as exc:  # what normalize_url could not see
+                raise _invalid_url(self.url, _reason(exc)) from exc
             except requests.exceptions.Timeout as exc:
                 # A read timeout: the request may be running on the server; do not pile on more work.
                 raise ConnectionFailedError(
@@ -183,7 +209,7 @@ class PredictClient:
         status = response.status_code
         message = _error_message(response)
         if status >= 500:
-            return ServerError(f"The server answered HTTP {status}: {message}", status=status,
+            return ServerError(f"The server answered HTTP {status}: {message.rstrip('.')}.", status=status,
                                hint="Check the server's logs." if status != 503 else "The server is busy or "
                                "not ready; try again later or raise --retries.")
         error = RequestError(f"{message} (HTTP {status})", status=status)
@@ -213,11 +239,16 @@ class PredictClient:
         """The model card of ``name`` (default: the server's default model)."""
         if name is not None:
             return ModelCard.from_dict(self.model_info(name)["card"])
+        return self.default_model()[1]
+
+    def default_model(self) -> tuple[str, ModelCard]:
+        """The server's default model: the name it is served under (which need not be the card's name, e.g.
+        a file's stem) and its card."""
         models = self.models()
         if not models:
             raise RequestError(f"The server at {self.url} serves no models.", status=404)
         chosen = next((m for m in models if m.get("default")), models[0])
-        return ModelCard.from_dict(chosen["card"])
+        return str(chosen["name"]), ModelCard.from_dict(chosen["card"])
 
     def predict_bytes(self, data: bytes, filename: str | None = None, *, model: str | None = None,
                       top_k: int = 5) -> RestPrediction:
@@ -301,8 +332,10 @@ class PredictClient:
         Raises ``InvalidImageError`` when the bytes are not a readable image.
         """
         from deploykit.images import decode_image, preprocess
+        from deploykit.runtime import pad_batch
 
-        tensor = preprocess(decode_image(data), card.preprocess)[None]
+        # A static-batch model (Triton's max_batch_size 0) takes exactly its batch: pad it, keep row 0.
+        tensor = pad_batch(preprocess(decode_image(data), card.preprocess)[None], card.fixed_batch)
         return self.predict_tensor_v2(tensor, card=card, model=model, top_k=top_k)[0]
 
 
@@ -363,7 +396,8 @@ def _v2_output(response: requests.Response, name: str, num_classes: int
         if output["name"] == name or chosen is None:
             chosen, chosen_bytes = output, bytes(binary[offset:offset + size])
         offset += size
-    assert chosen is not None
+    if chosen is None:
+        raise ValueError("the answer has no outputs")
     shape = [int(d) for d in chosen["shape"]]
     datatype = str(chosen["datatype"]).upper()
     if datatype == "BYTES":
@@ -388,7 +422,9 @@ def _v2_output(response: requests.Response, name: str, num_classes: int
     if chosen_bytes:
         flat = np.frombuffer(chosen_bytes, dtype=dtype)
     else:
-        flat = np.asarray(chosen["data"], dtype=dtype)
+        flat = np.asarray(chosen["data"], dtype=dtype).reshape(-1)
+    if flat.size != math.prod(shape) or flat.size == 0:
+        raise ValueError(f"output {chosen['name']!r} has {flat.size} values for shape {shape}")
     return flat.astype(np.float64).reshape(shape[0] if len(shape) > 1 else 1, -1), None
 
 
@@ -409,7 +445,8 @@ def _top_k_rows(values: np.ndarray, labels: Sequence[str], output_kind: str, k: 
 
     from deploykit.runtime import softmax, top_k
 
+    if np.isnan(values).any() or np.isposinf(values).any():
+        raise NonFiniteOutputError
     # Classification answers may leave classes out (-inf): for logits that is probability 0 after softmax.
-    finite = np.where(np.isfinite(values), values, 0.0)
-    probabilities = softmax(values) if output_kind == "logits" else finite
+    probabilities = softmax(values) if output_kind == "logits" else np.where(np.isneginf(values), 0.0, values)
     return [tuple(row) for row in top_k(probabilities, k, labels)]

@@ -86,6 +86,15 @@ class RequestError(DeployKitError):
         self.status = status
 
 
+class NonFiniteOutputError(DeployKitError):
+    """A model produced NaN or infinite output values, so they give no prediction."""
+
+    def __init__(self) -> None:
+        super().__init__("The model's output is not a finite number (NaN or infinity), so it gives no "
+                         "prediction.", hint="The model or its weights are broken; check the file with "
+                         "`deploykit verify`.")
+
+
 class PartialFailureError(DeployKitError):
     """Some items of a batch operation failed while others succeeded (exit 5)."""
 

@@ -31,6 +31,9 @@ EXPORTERS = ("auto", "dynamo", "torchscript")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 TWO_GB = 2**31
+MAX_SEED = 2**32 - 1  # what every seeded generator involved (NumPy, torch) takes
+# Larger crops allocate gigabytes for the check inputs alone (3 x 8192 x 8192 float32 is 800 MB an image).
+MAX_INPUT_SIZE = 4096
 Progress = Callable[[str], None]
 
 
@@ -158,6 +161,8 @@ def export_model(
         raise UsageError(f"--static-batch must be at least 1, got {static_batch}.")
     if atol < 0 or rtol < 0:
         raise UsageError("--atol and --rtol must not be negative.")
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
     if not 7 <= opset <= 25:
         raise UsageError(f"--opset {opset} is out of range; use an opset between 7 and 25 "
                          f"(default {DEFAULT_OPSET}).")
@@ -166,6 +171,8 @@ def export_model(
         if Path(output).is_dir():
             raise UsageError(f"--output {str(output)!r} is a folder; give a file path such as model.onnx.")
         check_writable(output)  # fail before a long export, not after it
+    else:
+        check_writable(Path.cwd() / "model.onnx")  # the default <name>.onnx goes to the current folder
 
     started = time.perf_counter()
     say(f"Loading {model}")
@@ -271,7 +278,11 @@ def _read_labels(path: str | Path) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"Labels file {str(file)!r} does not exist.")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"Labels file {str(file)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}).",
+                         hint="Give a text file with one label per line, or a JSON list, in UTF-8.") from exc
     if text.lstrip().startswith("["):
         try:
             return [str(v) for v in json.loads(text)]
@@ -296,10 +307,14 @@ def _preprocess(base: Preprocess, *, input_size: int | None, resize: int | None,
     if input_size is not None:
         if input_size < 8:
             raise UsageError(f"--input-size must be at least 8, got {input_size}.")
+        if input_size > MAX_INPUT_SIZE:
+            raise UsageError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {input_size}.")
         changes["crop"] = input_size
         if resize is None and base.resize is not None:
             changes["resize"] = max(input_size, round(input_size * base.resize / base.crop))
     if resize is not None:
+        if resize > 2 * MAX_INPUT_SIZE:
+            raise UsageError(f"--resize must be at most {2 * MAX_INPUT_SIZE}, got {resize}.")
         changes["resize"] = resize
     if mean is not None:
         changes["mean"] = tuple(mean)

@@ -30,13 +30,16 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def _temp_beside(target: Path, suffix: str = "") -> Path:
-    """Create an empty temporary file in ``target``'s folder; ``UsageError`` when that is impossible."""
+def _temp_beside(target: Path, suffix: str = "", option: str = "--output") -> Path:
+    """Create an empty temporary file in ``target``'s folder; ``UsageError`` when that is impossible.
+
+    ``option`` is the command-line option that named ``target``, for the hint.
+    """
     folder = target.parent
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
         raise UsageError(f"Cannot write {str(target)!r}: {str(folder)!r} {problem}.",
-                         hint="Create the folder first or choose another --output.")
+                         hint=f"Create the folder first or choose another {option}.")
     if target.is_dir():
         raise UsageError(f"Cannot write {str(target)!r}: it is a folder.",
                          hint="Give a file path such as model.onnx.")
@@ -44,14 +47,17 @@ def _temp_beside(target: Path, suffix: str = "") -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=folder)
     except OSError as exc:
         raise UsageError(f"Cannot write to {str(folder)!r}: {exc.strerror}.",
-                         hint="Choose a writable --output path.") from exc
+                         hint=f"Choose a writable {option} path.") from exc
     os.close(fd)
     return Path(tmp)
 
 
-def check_writable(target: str | Path) -> None:
-    """Raise ``UsageError`` now, rather than after a long job, when ``target`` could not be written."""
-    _temp_beside(Path(target)).unlink()
+def check_writable(target: str | Path, *, option: str = "--output") -> None:
+    """Raise ``UsageError`` now, rather than after a long job, when ``target`` could not be written.
+
+    ``option`` names the command-line option that gave ``target`` in the message's hint.
+    """
+    _temp_beside(Path(target), option=option).unlink()
 
 
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:

@@ -6,6 +6,7 @@ server's readiness self-test check that this ONNX Runtime, on this hardware, rep
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ class FingerprintResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "max_abs_diff": self.max_abs_diff,
+            "max_abs_diff": self.max_abs_diff if math.isfinite(self.max_abs_diff) else None,  # no NaN in JSON
             "elements_outside_tolerance": self.elements_outside,
             "top1_agreement": self.top1_agreement,
             "atol": self.atol,
@@ -96,15 +97,18 @@ def check_fingerprint(card: ModelCard, run: Callable[[np.ndarray], np.ndarray]) 
     reference = np.asarray(fp.values, dtype=np.float32)
     actual = flat[np.asarray(fp.indices, dtype=np.int64)]
     diff = np.abs(actual - reference)
-    outside = int(np.count_nonzero(diff > fp.atol + fp.rtol * np.abs(reference)))
+    # Written so that NaN counts as outside: NaN compares False with everything.
+    outside = int(np.count_nonzero(~(diff <= fp.atol + fp.rtol * np.abs(reference))))
     rows = output.reshape(output.shape[0], -1)
     agree = [float(row.max() - row[ref[0]]) <= 2 * fp.atol for row, ref in zip(rows, fp.topk, strict=False)]
     top1 = float(np.mean(agree)) if agree else 0.0
-    max_diff = float(diff.max(initial=0.0))
+    max_diff = float(diff.max(initial=0.0)) if np.isfinite(diff).all() else float("inf")
     reasons = []
     if outside:
+        broken = int(np.count_nonzero(~np.isfinite(actual)))
         reasons.append(f"{outside} of {diff.size} sampled values differ by more than atol {fp.atol:g} + "
-                       f"rtol {fp.rtol:g} (max abs diff {max_diff:.3g})")
+                       f"rtol {fp.rtol:g} ("
+                       + (f"{broken} are NaN or infinite)" if broken else f"max abs diff {max_diff:.3g})"))
     if top1 < 1.0:
         reasons.append(f"top-1 class differs on {agree.count(False)} of {len(agree)} rows")
     return FingerprintResult(not reasons, max_diff, outside, top1, fp.atol, fp.rtol, "; ".join(reasons))

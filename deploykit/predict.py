@@ -9,6 +9,7 @@ torch; ONNX Runtime is imported only for local mode (``model_file``).
 from __future__ import annotations
 
 import glob
+import math
 import threading
 import time
 from collections import deque
@@ -18,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from deploykit.errors import ConnectionFailedError, DeployKitError, RequestError, UsageError
+from deploykit.errors import (
+    ConnectionFailedError,
+    DeployKitError,
+    NonFiniteOutputError,
+    RequestError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from deploykit.card import ModelCard
@@ -158,6 +165,17 @@ def _read_stdin(stdin: BinaryIO | None, used: list[str], what: str) -> bytes:
     return stdin.read()
 
 
+def _is_pattern(item: str) -> bool:
+    """Whether a path that does not exist is a glob: it has ``*`` or ``?``, or brackets that match files.
+
+    Brackets alone are more often part of a name (``photo[2].jpg``) than a pattern; such a missing name
+    gets its own "No such file" result, like any plain path, instead of stopping the run.
+    """
+    if not _GLOB_CHARS & set(item):
+        return False
+    return bool(set("*?") & set(item)) or bool(glob.glob(item, recursive=True))
+
+
 def _expand_one(item: str, *, allow_glob: bool) -> list[ImageSource]:
     path = Path(item)
     if path.is_dir():
@@ -168,7 +186,7 @@ def _expand_one(item: str, *, allow_glob: bool) -> list[ImageSource]:
             raise UsageError(f"No image files in directory {item!r}.",
                              hint="Images need a suffix such as .jpg, .png or .webp.")
         return [ImageSource(str(f)) for f in files]
-    if allow_glob and not path.exists() and _GLOB_CHARS & set(item):
+    if allow_glob and not path.exists() and _is_pattern(item):
         from deploykit.images import is_image_path, iter_image_files
 
         sources: list[ImageSource] = []
@@ -243,22 +261,35 @@ def _v2_predictor(client: PredictClient, card: ModelCard, model: str, top_k: int
 
 
 def _local_predictor(predictor: Predictor, top_k: int) -> Predict:
+    import numpy as np
+
     from deploykit.images import decode_image, preprocess
+    from deploykit.runtime import pad_batch
+    from deploykit.runtime import top_k as best_classes
 
     def run(source: ImageSource) -> tuple[str, tuple[Prediction, ...]]:
         tensor = preprocess(decode_image(source.read()), predictor.card.preprocess)[None]
-        return predictor.name, tuple(predictor.predict(tensor, top_k)[0])
+        # A static-batch model takes exactly its batch size: pad with zeros and keep the first row.
+        probabilities = predictor.probabilities(pad_batch(tensor, predictor.card.fixed_batch))[:1]
+        if not np.isfinite(probabilities).all():
+            raise NonFiniteOutputError
+        return predictor.name, tuple(best_classes(probabilities, top_k, predictor.card.labels)[0])
 
     return run
 
 
-def _v2_card(client: PredictClient, model: str | None, card_file: str | Path | None) -> ModelCard:
+def _v2_card(client: PredictClient, model: str | None, card_file: str | Path | None
+             ) -> tuple[str, ModelCard]:
+    """The model's name on the server and its card."""
     if card_file is not None:
         from deploykit.card import read_card
 
-        return read_card(card_file)
+        card = read_card(card_file)
+        return model or card.name, card
     try:
-        return client.model_card(model)
+        if model is None:
+            return client.default_model()
+        return model, client.model_card(model)
     except RequestError as exc:
         if exc.status not in (404, 405):
             raise
@@ -298,16 +329,25 @@ def check_options(*, protocol: str = "rest", url: str | None = None, model: str 
         raise UsageError(f"--concurrency must be at least 1, got {concurrency}.")
     if retries < 0:
         raise UsageError(f"--retries must be 0 or more, got {retries}.")
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {timeout}.")
+    if not 0 < timeout < math.inf:  # NaN fails the comparison too
+        raise UsageError(f"--timeout must be a positive, finite number of seconds, got {timeout}.")
+    if url is not None:
+        from deploykit.client import normalize_url
+
+        normalize_url(url)  # UsageError for a URL that no request could use
 
 
 def _is_fatal(exc: BaseException) -> bool:
-    """Errors that would fail every remaining image the same way stop the run instead of being recorded."""
+    """Errors that would fail every remaining image the same way stop the run instead of being recorded.
+
+    A 5xx answer (for 503, after the retries) stops the run too: the server is failing, not the image, and
+    the documented exit code for that is 4. An answer that cannot be parsed (a ServerError with a 2xx status)
+    concerns one image.
+    """
     from deploykit.client import ServerError
 
     if isinstance(exc, ServerError):
-        return False
+        return exc.status >= 500
     if isinstance(exc, ConnectionFailedError):
         return True
     return isinstance(exc, RequestError) and exc.status not in PER_IMAGE_STATUSES
@@ -320,6 +360,8 @@ def _one(predict: Predict, source: ImageSource, default_model: str | None, stop:
     start = time.perf_counter()
     try:
         model, classes = predict(source)
+        if not all(math.isfinite(p.probability) for p in classes):  # a server passing on a broken model's NaN
+            raise NonFiniteOutputError
     except DeployKitError as exc:
         if _is_fatal(exc):
             stop.set()
@@ -424,8 +466,7 @@ def predict_images(
                        pool_size=concurrency) as client:
         name: str | None = model
         if protocol == "v2":
-            card = _v2_card(client, model, card_file)
-            name = model or card.name
+            name, card = _v2_card(client, model, card_file)
             predict = _v2_predictor(client, card, name, top_k)
         else:
             predict = _rest_predictor(client, model, top_k)

@@ -129,6 +129,19 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return exp / exp.sum(axis=axis, keepdims=True)
 
 
+def pad_batch(batch: np.ndarray, size: int | None) -> np.ndarray:
+    """``batch`` padded with zero rows to ``size`` rows, for a static-batch model (``size`` None: unchanged).
+
+    The caller keeps the first ``len(batch)`` rows of the output.
+    """
+    import numpy as np
+
+    if size is None or len(batch) >= size:
+        return batch
+    padding = np.zeros((size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
+    return np.concatenate([batch, padding])
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One class of a top-k answer."""

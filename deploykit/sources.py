@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from deploykit.card import Preprocess, Source
 from deploykit.errors import (
+    DeployKitError,
     MissingExtraError,
     ModelNotFoundError,
     UsageError,
@@ -449,7 +450,13 @@ def _from_factory(spec: str, *, weights: str | None, seed: int,
     torch = _torch()
     factory = _import_factory(spec)
     torch.manual_seed(seed)
-    module = factory()
+    try:
+        module = factory()
+    except Exception as exc:  # the user's own code: any error type
+        text = str(exc).strip().splitlines()
+        detail = f": {text[0][:240]}" if text else ""
+        raise DeployKitError(f"Factory {spec!r} raised {type(exc).__name__}{detail}.",
+                             hint="Fix the factory; --debug shows where it failed.") from exc
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"Factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module.")
     # A file factory is recorded with its absolute path, so verify can rebuild it from any folder.
@@ -517,9 +524,14 @@ def rebuild_source(source: Source) -> LoadedModel:
         return _from_torchvision(source.name or "", weights=source.path if source.weights == "file"
                                  else source.weights, seed=source.seed or 0)
     if source.kind == "factory":
-        return _from_factory(source.name or "",
-                             weights=source.path if source.weights == "file" else "DEFAULT",
-                             seed=source.seed or 0)
+        try:
+            return _from_factory(source.name or "",
+                                 weights=source.path if source.weights == "file" else "DEFAULT",
+                                 seed=source.seed or 0)
+        except ModelNotFoundError as exc:  # "check the path" cannot help with a path recorded at export time
+            raise ModelNotFoundError(f"The source recorded in the model card is gone: {exc.message}",
+                                     hint="Pass --against with the model to compare with, or --fingerprint "
+                                     "to check without it.") from exc
     if source.kind == "checkpoint":
         return _from_file(Path(source.path or ""), arch=source.arch, trust_pickle=False,
                           seed=source.seed or 0)

@@ -728,8 +728,9 @@ def verify_model(
 def _validate(*, atol: float, rtol: float, providers: Sequence[str], batch_sizes: Sequence[int] | None,
               min_top1: float | None, max_images: int, fingerprint_only: bool,
               against: str | Path | None) -> None:
-    if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
-        raise UsageError(f"--atol and --rtol must be non-negative numbers, got {atol:g} and {rtol:g}.")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison
+        raise UsageError(f"--atol and --rtol must be finite, non-negative numbers, got {atol:g} and "
+                         f"{rtol:g}.")
     if not providers:
         raise UsageError("Give at least one --provider (for example cpu).")
     if batch_sizes is not None and (not batch_sizes or any(int(b) < 1 for b in batch_sizes)):

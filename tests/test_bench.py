@@ -70,6 +70,16 @@ def test_bench_rejects_bad_values(pair: tuple[Path, Path]) -> None:
         bench_model(int8, duration=0)
 
 
+@pytest.mark.parametrize("duration", ["nan", "inf"])
+def test_cli_bench_rejects_a_duration_that_never_ends(duration: str, pair: tuple[Path, Path]) -> None:
+    int8, _ = pair
+    # A NaN deadline is never reached: before the check this ran until the timeout killed it.
+    proc = run_cli("bench", str(int8), "--duration", duration, "--torch", "off", timeout=120)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert "--duration must be a positive, finite number" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_cli_bench_json_schema_and_plot(pair: tuple[Path, Path], tmp_path: Path) -> None:
     int8, fp32 = pair
     plot = tmp_path / "bench.png"
@@ -120,3 +130,14 @@ def test_cli_bench_usage_errors(pair: tuple[Path, Path], tmp_path: Path) -> None
     assert proc.returncode == ExitCode.USAGE
     proc = run_cli("bench", str(tmp_path / "missing.onnx"))
     assert proc.returncode == ExitCode.USAGE
+
+
+def test_cli_bench_checks_the_plot_path_before_measuring(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    int8, _ = pair
+    # Ten minutes of measuring if the path were checked only at the end; run_cli's timeout is shorter.
+    proc = run_cli("bench", str(int8), "--duration", "600", "--torch", "off",
+                   "--plot", str(tmp_path / "missing" / "p.png"), timeout=120)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert "choose another --plot" in proc.stderr
+    assert "--output" not in proc.stderr
+    assert proc.stdout == ""

@@ -82,8 +82,10 @@ def test_card_properties() -> None:
     assert card.output.name == "logits"
     assert card.label(1) == "square"
     assert card.label(7) == "7"
-    static = card.replace(inputs=(TensorSpec("input", (1, 3, 64, 64)),))
+    assert card.fixed_batch is None
+    static = card.replace(inputs=(TensorSpec("input", (2, 3, 64, 64)),))
     assert not static.dynamic_batch
+    assert static.fixed_batch == 2
 
 
 def test_optional_fields_default() -> None:
@@ -196,6 +198,9 @@ def test_missing_field_is_named(path: tuple[str, ...], field: str) -> None:
         ("layout", "CHW", "layout must be NCHW or NHWC"),
         ("dtype", "int8", "dtype must be one of"),
         ("scale", -1, "scale must be positive"),
+        ("mean", [float("nan"), 0.5, 0.5], "mean and std must be finite numbers"),
+        ("std", [float("inf"), 0.2, 0.2], "mean and std must be finite numbers"),
+        ("scale", float("inf"), "scale must be positive"),
     ],
 )
 def test_bad_preprocessing_values_are_named(key: str, value: Any, expected: str) -> None:
@@ -254,3 +259,6 @@ def test_write_card_refuses_invalid_preprocessing() -> None:
     bad = make_card(preprocess=Preprocess(crop=64, resize=32))
     with pytest.raises(ModelFileError, match="resize"):
         write_card(tiny_onnx(), bad)
+    not_a_number = make_card(preprocess=Preprocess(crop=64, resize=None, mean=(float("nan"), 0.5, 0.5)))
+    with pytest.raises(ModelFileError, match="must be finite"):
+        write_card(tiny_onnx(), not_a_number)

@@ -195,6 +195,12 @@ def test_help_lists_commands_and_exit_codes() -> None:
         assert word in proc.stdout
 
 
+def test_export_help_says_which_int8_file_optimize_writes() -> None:
+    text = " ".join(run_cli("export", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "with --optimize, <stem>.int8.opt.onnx instead" in text
+    assert "<stem>.int8.opt.onnx only (no <stem>.int8.onnx)" in text
+
+
 def test_no_arguments_shows_help() -> None:
     proc = run_cli()
     assert "Traceback" not in proc.stderr
@@ -222,10 +228,17 @@ def test_unknown_model(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("value", ["0", "false", "no", "off", ""])
+def test_debug_environment_variable_off_values(value: str, tmp_path: Path) -> None:
+    assert_user_error(run_cli("export", "resnet81", env={"DEPLOYKIT_DEBUG": value}, cwd=tmp_path),
+                      ExitCode.USAGE, "Unknown model 'resnet81'")
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     for args, env in (
         (["--debug", "export", "resnet81"], None),
         (["export", "resnet81"], {"DEPLOYKIT_DEBUG": "1"}),
+        (["export", "resnet81"], {"DEPLOYKIT_DEBUG": "true"}),
     ):
         proc = run_cli(*args, env=env, cwd=tmp_path)
         assert proc.returncode == ExitCode.USAGE
@@ -401,8 +414,13 @@ SLOW_FACTORY = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
-    """SIGINT in the middle of an export: exit 130, one line, the earlier file intact, no temporary file."""
+@pytest.mark.parametrize(("signum", "code", "line"), [
+    (signal.SIGINT, 130, "Error: Interrupted."),  # Ctrl-C
+    (signal.SIGTERM, 143, "Error: Terminated."),  # `kill`, `timeout`, a container or CI job being stopped
+])
+def test_ctrl_c_and_sigterm_leave_nothing_behind(signum: int, code: int, line: str, tmp_path: Path) -> None:
+    """A signal in the middle of an export: its exit code, one line, the earlier file intact, no temporary
+    file."""
     import os
 
     (tmp_path / "slow.py").write_text(SLOW_FACTORY)
@@ -425,13 +443,62 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "the export did not start"
             time.sleep(0.1)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert "Traceback" not in stderr
-    assert [line for line in stderr.splitlines() if line.strip()] == ["Error: Interrupted."]
+    assert [text for text in stderr.splitlines() if text.strip()] == [line]
     assert target.read_bytes() == b"an earlier good export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "slow.py", "started"]
+
+
+HOLD_TEMPORARIES = textwrap.dedent("""
+    import sys
+    import time
+    from pathlib import Path
+
+    from deploykit.cli import app, main
+    from deploykit.files import atomic_path
+    from deploykit.package import _staging_dir
+
+
+    @app.command("hold")
+    def hold(folder: Path) -> None:
+        # What export (a half-written .onnx) and package (a half-filled staging folder) hold while they work.
+        with atomic_path(folder / "model.onnx") as tmp, \\
+                _staging_dir(folder / "package", force=False, source=folder / "model.onnx") as stage:
+            tmp.write_bytes(b"half")
+            (stage / "config.pbtxt").write_text("half")
+            print("holding", flush=True)
+            time.sleep(120)
+
+
+    main(["hold", sys.argv[1]])
+""")
+
+
+def test_sigterm_removes_temporary_files_and_folders(tmp_path: Path) -> None:
+    """The CLI's SIGTERM handler lets atomic_path and the package staging folder clean up, as on Ctrl-C."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"an earlier good export")
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_TEMPORARIES)
+    process = subprocess.Popen([sys.executable, str(script), str(folder)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "holding\n", process.communicate()[1]
+        assert len(list(folder.iterdir())) == 3  # the temporary file and folder exist now
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr
+    assert stderr.strip() == "Error: Terminated."
+    assert [p.name for p in folder.iterdir()] == ["model.onnx"]
+    assert (folder / "model.onnx").read_bytes() == b"an earlier good export"

@@ -23,7 +23,7 @@ from conftest import LiveServer, free_port, run_cli
 
 from deploykit.card import read_card
 from deploykit.client import PredictClient, ServerError, _parse_retry_after
-from deploykit.errors import ConnectionFailedError, ExitCode, RequestError
+from deploykit.errors import ConnectionFailedError, ExitCode, RequestError, UsageError
 from deploykit.images import load_image, preprocess
 
 Rule = Callable[[str, dict[str, str], bytes], "tuple[int, dict[str, str], bytes] | None"]
@@ -335,3 +335,94 @@ def test_cli_v2_unknown_model_on_deploykit(shapes_server: LiveServer, shapes_ima
                      "--model", "nope")
     assert result.returncode == 1
     assert "Unknown model 'nope'" in result.stderr
+
+
+def answer_after(good: int, status: int, body: bytes,
+                 content_type: str = "application/json") -> Rule:
+    """Forward the first ``good`` prediction requests, then answer every one with ``status`` and ``body``."""
+    seen = {"n": 0}
+
+    def rule(path: str, headers: dict[str, str], _body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        if "predict" not in path and "infer" not in path:
+            return None
+        seen["n"] += 1
+        return None if seen["n"] <= good else (status, {"Content-Type": content_type}, body)
+
+    return rule
+
+
+def strict_records(stdout: str) -> list[dict]:
+    """JSON Lines parsed as strict JSON parsers (JavaScript, Go) do: NaN and Infinity are errors."""
+    return [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the output"))
+            for line in stdout.splitlines()]
+
+
+@pytest.mark.parametrize(("protocol", "status"), [("rest", 500), ("v2", 500), ("rest", 503), ("v2", 502)])
+def test_cli_server_failing_with_5xx_stops_with_exit_4_keeping_earlier_records(
+        protocol: str, status: int, shapes_server: LiveServer, shapes_images: list[Path],
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    front = front_factory(shapes_server.url, answer_after(1, status, b'{"error": "internal boom"}'))
+    images = [str(p) for p in shapes_images[:4]]
+    result = run_cli("predict", *images, "--url", front.url, "--protocol", protocol, "--concurrency", "1",
+                     "--retries", "0")
+    assert result.returncode == ExitCode.CONNECTION, result.stderr
+    (first,) = strict_records(result.stdout)  # the record written before the server failed is kept
+    assert first["path"] == images[0]
+    assert first["label"] == true_label(shapes_images[0])
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"Error: The server answered HTTP {status}: internal boom. "
+        + ("The server is busy or not ready; try again later or raise --retries." if status == 503
+           else "Check the server's logs.")]
+    assert predicted(front) == 2  # stopped at the first failure, not one failure per image
+
+
+V2_ANSWERS = {
+    "no outputs": (b'{"model_name": "shapes", "outputs": []}', "the answer has no outputs"),
+    "too few values": (b'{"model_name": "shapes", "outputs": [{"name": "logits", "shape": [1, 6], '
+                       b'"datatype": "FP32", "data": [1, 2, 3]}]}', "has 3 values for shape [1, 6]"),
+    "NaN": (b'{"model_name": "shapes", "outputs": [{"name": "logits", "shape": [1, 6], "datatype": "FP32", '
+            b'"data": [NaN, 1, 2, 3, 4, 5]}]}', "not a finite number (NaN or infinity)"),
+}
+
+
+@pytest.mark.parametrize("case", list(V2_ANSWERS))
+def test_cli_v2_answers_that_give_no_prediction_are_per_image_errors(
+        case: str, shapes_server: LiveServer, shapes_images: list[Path],
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    body, message = V2_ANSWERS[case]
+    front = front_factory(shapes_server.url, answer_after(1, 200, body))
+    images = [str(p) for p in shapes_images[:2]]
+    result = run_cli("predict", *images, "--url", front.url, "--protocol", "v2", "--concurrency", "1")
+    assert result.returncode == ExitCode.PARTIAL, result.stderr
+    assert "Traceback" not in result.stderr
+    good, bad = strict_records(result.stdout)
+    assert good["label"] == true_label(shapes_images[0])
+    assert bad["label"] is None
+    assert bad["probability"] is None
+    assert message in bad["error"]
+
+
+def test_cli_rest_answer_with_nan_is_an_error_not_a_prediction(
+        shapes_server: LiveServer, shapes_images: list[Path],
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    nan = (b'{"model": "shapes", "predictions": '
+           b'[{"top_k": [{"index": 0, "label": "circle", "probability": NaN}]}]}')
+    front = front_factory(shapes_server.url, answer_after(0, 200, nan))
+    result = run_cli("predict", str(shapes_images[0]), "--url", front.url)
+    assert result.returncode == ExitCode.PARTIAL, result.stderr
+    (record,) = strict_records(result.stdout)
+    assert record["label"] is None
+    assert record["probability"] is None
+    assert "not a finite number" in record["error"]
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("ftp://127.0.0.1:5000", "the scheme 'ftp' is not http or https"),
+    ("http://127.0.0.1:99999", "Port out of range"),
+    ("http://[bad", "Invalid IPv6 URL"),
+    ("http://:5000", "it names no host"),
+])
+def test_invalid_url_is_a_usage_error(url: str, reason: str) -> None:
+    with pytest.raises(UsageError, match="Invalid --url") as info:
+        PredictClient(url)
+    assert reason in str(info.value)

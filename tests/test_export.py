@@ -321,6 +321,10 @@ def test_bad_labels_files(tiny: str, tmp_path: Path) -> None:
     broken.write_text('["a", "b",')
     with pytest.raises(UsageError, match="not a valid JSON list"):
         export_model(tiny, output=tmp_path / "x.onnx", labels_file=broken)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"cat\n\xd0\xff\xfe dog\n")
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        export_model(tiny, output=tmp_path / "x.onnx", labels_file=binary)
 
 
 @pytest.mark.parametrize(
@@ -330,6 +334,11 @@ def test_bad_labels_files(tiny: str, tmp_path: Path) -> None:
         ({"opset": 5}, "--opset 5 is out of range"),
         ({"exporter": "tensorrt"}, "Unknown exporter 'tensorrt'"),
         ({"input_size": 4}, "--input-size must be at least 8"),
+        ({"input_size": 100_000}, "--input-size must be at most 4096"),
+        ({"resize": 100_000}, "--resize must be at most 8192"),
+        ({"seed": -1}, "--seed must be between 0 and 4294967295"),
+        ({"mean": (float("nan"), 0.0, 0.0)}, "mean and std must be finite numbers"),
+        ({"std": (float("inf"), 1.0, 1.0)}, "mean and std must be finite numbers"),
         ({"atol": -1.0}, "must not be negative"),
         ({"input_size": 64, "resize": 32}, "resize (32) must be at least crop (64)"),
     ],
@@ -390,6 +399,12 @@ def test_unwritable_output_fails_before_loading_the_model(tmp_path: Path) -> Non
         assert info.value.exit_code == ExitCode.USAGE
         assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_unwritable_working_folder_fails_before_loading_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/proc")  # no --output: the default <name>.onnx would go here
+    with pytest.raises(UsageError, match="Cannot write to '/proc'"):
+        export_model("resnet81")
 
 
 def test_output_that_is_a_folder(tiny: str, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, LiveServer, free_port, run_cli
+from conftest import REPO, SHAPES_FACTORY, LiveServer, free_port, run_cli
 from PIL import Image
 
 from deploykit.errors import ConnectionFailedError, DeployKitError, RequestError, UsageError
@@ -231,6 +231,34 @@ def test_v2_reports_undecodable_image_per_image(shapes_server: LiveServer, shape
     assert got[1]["label"] == true_label(shapes_images[0])
 
 
+def test_missing_name_with_brackets_is_one_failed_image(shapes_onnx: Path, shapes_images: list[Path],
+                                                        tmp_path: Path) -> None:
+    missing = tmp_path / "odd[2].jpg"  # a name, not a pattern: it must not stop the run as an empty glob
+    result = run_cli("predict", str(missing), str(shapes_images[0]), "--model-file", str(shapes_onnx))
+    assert result.returncode == 5, result.stderr
+    first, second = records(result.stdout)
+    assert first["path"] == str(missing)
+    assert first["error"] == f"No such file: {str(missing)!r}."
+    assert second["label"] == true_label(shapes_images[0])
+    pattern = run_cli("predict", str(tmp_path / "[ab]*.jpg"), "--model-file", str(shapes_onnx))
+    assert pattern.returncode == 2  # a real pattern that matches nothing is still a usage error
+    assert "No image files match" in pattern.stderr
+
+
+def test_table_shows_a_long_error_in_full(shapes_onnx: Path, shapes_images: list[Path],
+                                          tmp_path: Path) -> None:
+    missing = tmp_path / ("a-long-folder-name-" * 4) / "missing_zz.jpg"
+    result = run_cli("predict", str(missing), str(shapes_images[0]), "--model-file", str(shapes_onnx),
+                     "--format", "table", env={"COLUMNS": "70"})
+    assert result.returncode == 5, result.stderr
+    # The third column of the rows below the header, joined without the line breaks the table adds: the whole
+    # message, not "No such file: '/tm…".
+    cells = [line.split("\u2502")[2] for line in result.stdout.splitlines()[2:] if "\u2502" in line]
+    message = f"No such file: {str(missing)!r}."
+    assert "".join(message.split()) in "".join("".join(cells).split())
+    assert "\u2026" not in result.stdout
+
+
 def test_local_mode_gives_the_same_top1_as_the_server(shapes_server: LiveServer, shapes_onnx: Path) -> None:
     folder = REPO / "examples" / "shapes" / "images"
     served = run_cli("predict", str(folder), "--url", shapes_server.url)
@@ -243,6 +271,48 @@ def test_local_mode_gives_the_same_top1_as_the_server(shapes_server: LiveServer,
     assert [r["label"] for r in b] == [r["label"] for r in a] == [true_label(r["path"]) for r in a]
     assert np.allclose([r["probability"] for r in a], [r["probability"] for r in b], atol=1e-5)
     assert {r["model"] for r in b} == {"shapes"}
+
+
+@pytest.fixture(scope="module")
+def static_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example model exported with a fixed batch of 2 (`export --static-batch 2`)."""
+    from deploykit.export import export_model
+
+    return export_model(SHAPES_FACTORY, static_batch=2,
+                        output=tmp_path_factory.mktemp("static") / "static2.onnx").path
+
+
+def test_static_batch_model_locally_and_over_v2(static_onnx: Path, shapes_images: list[Path],
+                                                live_server_factory: Callable[..., LiveServer]) -> None:
+    """One image at a time is padded to the model's batch of 2 (V2: Triton's max_batch_size 0 has no
+    batching, so the request must carry the full shape)."""
+    images = [str(p) for p in shapes_images[:3]]
+    server = live_server_factory(str(static_onnx))
+    for args in (["--model-file", str(static_onnx)], ["--url", server.url, "--protocol", "v2"]):
+        result = run_cli("predict", *images, *args)
+        assert result.returncode == 0, result.stderr
+        assert [r["label"] for r in records(result.stdout)] == [true_label(p) for p in images]
+
+
+def test_model_that_outputs_nan_gives_errors_not_predictions(shapes_onnx: Path, shapes_images: list[Path],
+                                                             tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(shapes_onnx))
+    gemm = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    bias = next(i for i in model.graph.initializer if i.name == gemm.input[2])
+    bias.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(bias), np.nan), bias.name))
+    broken = tmp_path / "nan.onnx"
+    onnx.save(model, str(broken))
+    result = run_cli("predict", str(shapes_images[0]), "--model-file", str(broken))
+    assert result.returncode == 5, result.stderr
+    (record,) = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the output"))
+                 for line in result.stdout.splitlines()]
+    assert record["label"] is None
+    assert record["probability"] is None
+    assert record["top_k"] == []
+    assert "not a finite number (NaN or infinity)" in record["error"]
 
 
 def test_api_key_option_and_environment(shapes_onnx: Path, shapes_images: list[Path],
@@ -268,6 +338,11 @@ def test_api_key_option_and_environment(shapes_onnx: Path, shapes_images: list[P
     (["-", "--files-from", "-"], "Standard input can be read only once"),
     (["{img}", "--top-k", "0"], "--top-k"),
     (["{img}", "--protocol", "grpc"], "--protocol"),
+    (["{img}", "--url", "ftp://127.0.0.1:5000"], "Invalid --url 'ftp://127.0.0.1:5000'"),
+    (["{img}", "--url", "http://127.0.0.1:99999", "--protocol", "v2"], "Invalid --url"),
+    (["{img}", "--url", "http://[bad"], "Invalid --url"),
+    (["{img}", "--timeout", "nan"], "--timeout"),
+    (["{img}", "--timeout", "inf"], "--timeout must be a positive, finite number"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str, shapes_images: list[Path], shapes_onnx: Path,
                              tmp_path: Path) -> None:

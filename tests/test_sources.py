@@ -16,8 +16,8 @@ import torch
 import torchvision
 from conftest import EXAMPLES, SHAPES_FACTORY, run_cli
 
-from deploykit.card import read_card
-from deploykit.errors import ExitCode, ModelNotFoundError, UsageError, WeightsUnavailableError
+from deploykit.card import Source, read_card
+from deploykit.errors import DeployKitError, ExitCode, ModelNotFoundError, UsageError, WeightsUnavailableError
 from deploykit.export import export_model
 from deploykit.files import sha256_file
 from deploykit.runtime import create_session
@@ -59,6 +59,10 @@ TINY_SOURCE = textwrap.dedent('''
 
     def not_a_model() -> str:
         return "hello"
+
+
+    def explodes() -> nn.Module:
+        raise RuntimeError("factory exploded")
 ''')
 
 
@@ -270,6 +274,26 @@ def test_factory_errors(tiny_file: Path, tmp_path: Path) -> None:
         resolve_source(f"{tmp_path / 'missing.py'}:build")
     with pytest.raises(ModelNotFoundError, match="Cannot import"):
         resolve_source("no_such_package_xyz.models:build")
+
+
+def test_factory_that_raises_is_one_line_without_traceback(tiny_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(DeployKitError, match=r"Factory '.*:explodes' raised RuntimeError: factory exploded"):
+        resolve_source(f"{tiny_file}:explodes")
+    result = run_cli("export", f"{tiny_file}:explodes", "-o", str(tmp_path / "x.onnx"))
+    assert result.returncode == ExitCode.ERROR
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"Error: Factory '{tiny_file}:explodes' raised RuntimeError: factory exploded. Fix the factory; "
+        "--debug shows where it failed."]
+
+
+def test_rebuilding_a_factory_that_is_gone_names_the_way_out(tmp_path: Path) -> None:
+    gone = Source(kind="factory", name=f"{tmp_path / 'gone' / 'model.py'}:build", seed=0, weights="factory")
+    with pytest.raises(ModelNotFoundError) as info:
+        rebuild_source(gone)
+    assert "The source recorded in the model card is gone" in str(info.value)
+    assert "--against" in str(info.value)
+    assert "--fingerprint" in str(info.value)
 
 
 def test_bundled_example_factory(shapes_onnx: Path) -> None:

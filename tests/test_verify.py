@@ -304,6 +304,51 @@ def test_missing_source_is_a_clear_error(checkpoint_onnx: tuple[Path, Path], tmp
     assert run_cli("verify", str(gone), "--fingerprint").returncode == 0
 
 
+def test_factory_source_gone_names_against_and_fingerprint(shapes_onnx: Path, tmp_path: Path) -> None:
+    card = read_card(shapes_onnx)
+    moved = replace(card.source, name=f"{tmp_path / 'gone' / 'model.py'}:build")
+    gone = _save_with_card(shapes_onnx, tmp_path / "gone.onnx", card.replace(source=moved))
+    result = run_cli("verify", str(gone))
+    assert result.returncode == 2
+    assert "The source recorded in the model card is gone" in result.stderr
+    assert "--against" in result.stderr
+    assert "--fingerprint" in result.stderr
+    assert "Check the path" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_report_path_is_checked_before_the_run(shapes_onnx: Path, tmp_path: Path) -> None:
+    result = run_cli("verify", str(shapes_onnx), "--report", str(tmp_path / "missing" / "report.json"))
+    assert result.returncode == 2
+    assert "choose another --report" in result.stderr
+    assert result.stdout == ""  # nothing ran, so there is no verdict to lose
+    assert [line for line in result.stderr.splitlines() if line.strip()][0].startswith("Error: Cannot write")
+
+
+def test_nan_weights_fail_with_strict_json(shapes_onnx: Path, tmp_path: Path) -> None:
+    """NaN outputs fail the fingerprint, are counted as outside the tolerance, and are null in the JSON."""
+    model = onnx.load(str(shapes_onnx))
+    gemm = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    bias = next(i for i in model.graph.initializer if i.name == gemm.input[2])
+    bias.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(bias), np.nan), bias.name))
+    broken = tmp_path / "nan.onnx"
+    onnx.save(model, str(broken))
+    report = tmp_path / "report.json"
+    result = run_cli("verify", str(broken), "--fingerprint", "--json", "--report", str(report))
+    assert result.returncode == 3, result.stderr
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON output"))
+
+    data = strict(result.stdout)
+    assert strict(report.read_text()) == data
+    fingerprint = _check(data, "fingerprint")
+    assert fingerprint["passed"] is False
+    assert "are NaN or infinite" in fingerprint["detail"]
+    assert fingerprint["fingerprint"]["max_abs_diff"] is None
+    assert fingerprint["fingerprint"]["elements_outside_tolerance"] == fingerprint["input"]["samples"]
+
+
 def test_corrupt_onnx_is_an_error_exit_1(shapes_onnx: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(shapes_onnx.read_bytes()[: shapes_onnx.stat().st_size // 2])
@@ -454,6 +499,8 @@ def test_fingerprint_only_checks_a_frozen_batch_at_its_own_batch(static1_onnx: P
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"atol": -1.0}, "--atol and --rtol"),
+    ({"atol": float("inf")}, "--atol and --rtol must be finite"),
+    ({"rtol": float("nan")}, "--atol and --rtol must be finite"),
     ({"min_top1_agreement": 95.0}, "between 0 and 1"),
     ({"batch_sizes": (0,)}, "at least 1"),
     ({"providers": ("cuda",)}, "available providers are"),

@@ -8,7 +8,10 @@ code; heavy libraries (torch, onnxruntime) are imported inside the library calls
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 
 import typer
 
@@ -44,11 +47,33 @@ _EXIT, _USAGE, _ABORT = _exception_types()
 
 __all__ = ["app", "main"]
 
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended; 130 is the same for SIGINT (Ctrl-C).
+EXIT_TERMINATED = 128 + signal.SIGTERM
+_TRUTHY = frozenset({"1", "true", "t", "yes", "y", "on"})
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that ``finally`` and ``except`` blocks (temporary files,
+    staging folders) run as they do on Ctrl-C. A BaseException, so ``except Exception`` does not catch it."""
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated
+
+
+def _debug_requested() -> bool:
+    """``--debug``, or DEPLOYKIT_DEBUG set to a true value (1, true, yes, on); ``0`` turns it off."""
+    return state.debug or os.environ.get("DEPLOYKIT_DEBUG", "").strip().lower() in _TRUTHY
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map every outcome to a documented exit code."""
     from deploykit.cli._output import error
 
+    # Commands that run their own process management (serve) install their own SIGTERM handler over this one.
+    # Python allows handlers only in the main thread; an embedding caller elsewhere keeps its own.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rv = app(args=argv, prog_name="deploykit", standalone_mode=False)
     except _EXIT as exc:
@@ -59,8 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     except _ABORT:
         error("Interrupted.")
         sys.exit(130)
+    except Terminated:
+        error("Terminated.")
+        sys.exit(EXIT_TERMINATED)
     except DeployKitError as exc:
-        if state.debug or os.environ.get("DEPLOYKIT_DEBUG"):
+        if _debug_requested():
             import traceback
 
             traceback.print_exc()

@@ -39,7 +39,10 @@ def bench(
     if torch_eager not in ("auto", "on", "off"):
         raise UsageError(f"--torch must be auto, on or off, got {torch_eager!r}.")
     if plot is not None:
+        from deploykit.files import check_writable
+
         _require_matplotlib()
+        check_writable(plot, option="--plot")  # before the run, not after it
     with progress_status(not as_json) as say:
         report = bench_model(model, against=against, batch_sizes=tuple(batch_size or (1, 8)),
                              threads=tuple(threads or (1, 2)), duration=duration, warmup=warmup,

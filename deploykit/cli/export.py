@@ -59,14 +59,15 @@ def export(
     seed: int = typer.Option(0, "--seed", help="Seed for --weights none and the check inputs."),
     name: str | None = typer.Option(None, "--name", help="Model name in the card \\[default: from MODEL]."),
     quantize: str | None = typer.Option(None, "--quantize", help="int8: also write <stem>.int8.onnx "
-                                        "beside the fp32 file (static QDQ, per-channel), then checked."),
+                                        "beside the fp32 file (static QDQ, per-channel), then checked; with "
+                                        "--optimize, <stem>.int8.opt.onnx instead."),
     calibration: Path | None = typer.Option(None, "--calibration", help="Folder of images from your "
                                             "domain to calibrate int8 on (default: the bundled examples)."),
     precision: str | None = typer.Option(None, "--precision", help="fp16: also write <stem>.fp16.onnx "
                                          "(half-precision weights, fp32 inputs and outputs; for GPUs)."),
     optimize: bool = typer.Option(False, "--optimize", help="Also write <stem>.opt.onnx, the graph as "
                                   "optimised by ONNX Runtime (extended level); with --quantize int8: "
-                                  "<stem>.int8.opt.onnx."),
+                                  "<stem>.int8.opt.onnx only (no <stem>.int8.onnx)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     list_models: bool = typer.Option(False, "--list", callback=_list_models, is_eager=True,
                                      help="List torchvision classification models and exit."),

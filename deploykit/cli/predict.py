@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import enum
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +34,10 @@ class Format(str, enum.Enum):
 
 
 def _jsonl_writer() -> Callable[[ImageResult], None]:
+    from deploykit.cli._output import to_json
+
     def write(result: ImageResult) -> None:
-        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+        sys.stdout.write(to_json(result.to_dict()) + "\n")
         sys.stdout.flush()  # one record as soon as it is known, for `| jq` and `| head`
 
     return write
@@ -66,7 +67,7 @@ def _render_table(run: PredictRun) -> None:
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("Image", overflow="fold", ratio=3)
     table.add_column("Model")
-    table.add_column("Top-k", ratio=2)
+    table.add_column("Top-k", overflow="fold", ratio=2)  # an error message in full, however long its path
     table.add_column("Latency", justify="right", no_wrap=True)
     for result in run.results:
         if result.error is not None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from deploykit.cli._app import app
-from deploykit.cli._output import emit_json, error, out_console, progress_status
+from deploykit.cli._output import emit_json, error, out_console, progress_status, to_json
 from deploykit.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -41,9 +40,11 @@ def verify(
                                        help="Also write the JSON report to this file."),
 ) -> None:
     """Check that an ONNX file computes what its PyTorch source computes (exit 3 when it does not)."""
-    from deploykit.files import write_bytes_atomic
+    from deploykit.files import check_writable, write_bytes_atomic
     from deploykit.verify import verify_model
 
+    if report is not None:
+        check_writable(report, option="--report")  # before the run, not after it
     with progress_status(not as_json) as say:
         result = verify_model(
             model, against=against, images=images, atol=atol, rtol=rtol, providers=tuple(provider),
@@ -52,7 +53,7 @@ def verify(
             progress=say,
         )
     if report is not None:
-        write_bytes_atomic(report, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
+        write_bytes_atomic(report, (to_json(result.to_dict(), indent=2) + "\n").encode())
     if as_json:
         emit_json(result.to_dict())
     elif out_console.is_terminal:

@@ -86,8 +86,8 @@ def install(out: Path) -> None:
 
     worker_class = runner.worker_class
 
-    def traced_worker_class() -> type:
-        cls = worker_class()
+    def traced_worker_class(*args: Any, **kwargs: Any) -> type:
+        cls = worker_class(*args, **kwargs)
         handle_exit = cls.handle_exit
 
         def on_exit(self: Any, sig: int, frame: Any) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+
+from deploykit.jsontext import finite
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
@@ -35,20 +36,9 @@ def info(message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every float that is not finite (NaN, infinity) replaced by None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def to_json(data: Any, *, indent: int | None = None) -> str:
     """Strict JSON text: NaN and infinities become null, which every JSON parser accepts."""
-    return json.dumps(_finite(data), default=str, indent=indent, allow_nan=False)
+    return json.dumps(finite(data), default=str, indent=indent, allow_nan=False)
 
 
 def emit_json(data: Any) -> None:

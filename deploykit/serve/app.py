@@ -18,7 +18,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -34,6 +33,7 @@ from werkzeug.wrappers import Request
 
 from deploykit.errors import DeployKitError
 from deploykit.images import InvalidImageError
+from deploykit.jsontext import finite
 from deploykit.serve.batching import ServeError
 from deploykit.serve.config import ServeConfig
 from deploykit.serve.metrics import Metrics
@@ -61,17 +61,7 @@ def json_bytes(data: Any) -> bytes:
     try:
         return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:
-        return json.dumps(_finite(data), separators=(",", ":")).encode()
-
-
-def _finite(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [_finite(v) for v in data]
-    return data
+        return json.dumps(finite(data), separators=(",", ":")).encode()
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deploykit.errors import DeployKitError
+from deploykit.runtime import pad_batch
 
 log = logging.getLogger("deploykit.serve")
 
@@ -314,8 +315,5 @@ class Batcher:
         for start in range(0, rows, size):
             chunk = array[start : start + size]
             n = chunk.shape[0]
-            if n < size:
-                pad = np.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            chunks.append([out[:n] for out in run(chunk)])
+            chunks.append([out[:n] for out in run(pad_batch(chunk, size))])
         return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]

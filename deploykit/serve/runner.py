@@ -14,6 +14,7 @@ body, the answer) fails after the timeout without progress (408 while reading th
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -85,6 +86,7 @@ def run_server(config: ServeConfig, *, announce: Callable[[str], None] | None = 
     """
     configure_logging(config.log_level)
     check_models(config)
+    check_address(config)
     if announce is not None:
         host = f"[{config.host}]" if ":" in config.host else config.host
         names = ", ".join(m.name for m in config.models)
@@ -130,6 +132,31 @@ def check_models(config: ServeConfig) -> None:
         error = ModelFileError(text)
         error.exit_code = ExitCode(int(code))  # keep the child's exit code (2 for a usage error)
         raise error
+
+
+def check_address(config: ServeConfig) -> None:
+    """Fail fast, before announcing the server, when its address cannot be listened on: the port is taken
+    (gunicorn would retry for 5 s and exit without saying what to do) or the host is not this machine's."""
+    from deploykit.errors import DeployKitError
+
+    if config.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as exc:
+            where = f"{config.host}:{config.port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise DeployKitError(
+                    f"Port {config.port} is already in use on {config.host}.",
+                    hint="Stop the other server or choose another --port.",
+                ) from None
+            raise DeployKitError(
+                f"Cannot listen on {where}: {exc.strerror or exc}.",
+                hint="Give --host an address of this machine (127.0.0.1, or 0.0.0.0 for every interface).",
+            ) from None
 
 
 def _run_dev(config: ServeConfig) -> int:

@@ -441,7 +441,7 @@ def test_dev_server(live_server_factory, shapes_onnx: Path, shapes_images: list[
     assert server.terminate() == 0
 
 
-def test_cli_errors_and_help(tmp_path: Path) -> None:
+def test_cli_errors_and_help(tmp_path: Path, shapes_onnx: Path) -> None:
     none = run_cli("serve", "--port", "0", cwd=tmp_path)
     assert none.returncode == 2
     assert "No .onnx files" in none.stderr
@@ -455,6 +455,15 @@ def test_cli_errors_and_help(tmp_path: Path) -> None:
     assert bad_file.returncode == 1
     assert "not a readable ONNX file" in bad_file.stderr
     assert "Traceback" not in bad_file.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        in_use = run_cli("serve", str(shapes_onnx), "--port", port, timeout=60)
+    assert in_use.returncode == 1
+    assert f"Port {port} is already in use on 127.0.0.1" in in_use.stderr
+    assert "Serving" not in in_use.stdout + in_use.stderr
+    assert "Traceback" not in in_use.stderr
     help_text = run_cli("serve", "--help", env={"COLUMNS": "200"}).stdout
     for option in (
         "--host",
@@ -467,6 +476,8 @@ def test_cli_errors_and_help(tmp_path: Path) -> None:
         "--max-queue",
         "--request-timeout",
         "--max-body-mb",
+        "--max-request-images",
+        "--client-timeout",
         "--graceful-timeout",
         "--api-key",
         "DEPLOYKIT_API_KEY",

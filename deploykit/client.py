@@ -261,7 +261,9 @@ class PredictClient:
         try:
             body = response.json()
             first = body["predictions"][0]
-            predictions = tuple(Prediction(int(p["index"]), str(p["label"]), float(p["probability"]))
+            # deploykit serve writes a probability that is not a finite number as null (strict JSON)
+            predictions = tuple(Prediction(int(p["index"]), str(p["label"]),
+                                           math.nan if p["probability"] is None else float(p["probability"]))
                                 for p in first["top_k"])
             return RestPrediction(model=str(body.get("model", model or "")), top_k=predictions,
                                   filename=first.get("filename"),

@@ -402,11 +402,12 @@ def test_cli_v2_answers_that_give_no_prediction_are_per_image_errors(
     assert message in bad["error"]
 
 
+@pytest.mark.parametrize("value", [b"NaN", b"null"])  # null: what deploykit serve writes for a NaN
 def test_cli_rest_answer_with_nan_is_an_error_not_a_prediction(
         shapes_server: LiveServer, shapes_images: list[Path],
-        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+        front_factory: Callable[[str, Rule], FrontServer], value: bytes) -> None:
     nan = (b'{"model": "shapes", "predictions": '
-           b'[{"top_k": [{"index": 0, "label": "circle", "probability": NaN}]}]}')
+           b'[{"top_k": [{"index": 0, "label": "circle", "probability": ' + value + b'}]}]}')
     front = front_factory(shapes_server.url, answer_after(0, 200, nan))
     result = run_cli("predict", str(shapes_images[0]), "--url", front.url)
     assert result.returncode == ExitCode.PARTIAL, result.stderr

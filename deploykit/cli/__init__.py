@@ -68,12 +68,21 @@ def _debug_requested() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map every outcome to a documented exit code."""
-    from deploykit.cli._output import error
-
     # Commands that run their own process management (serve) install their own SIGTERM handler over this one.
     # Python allows handlers only in the main thread; an embedding caller elsewhere keeps its own.
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:  # a program that embeds main() gets its own handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
+    from deploykit.cli._output import error
+
     try:
         rv = app(args=argv, prog_name="deploykit", standalone_mode=False)
     except _EXIT as exc:

@@ -169,6 +169,8 @@ def error_answer(exc: Exception, req: Request) -> tuple[int, str, dict[str, str]
         return (415 if exc.unsupported else 400), exc.message, {}
     if isinstance(exc, DeployKitError):
         return 400, str(exc), {}
+    if isinstance(exc, TimeoutError):  # --dev: Werkzeug's socket timeout (gunicorn's worker raises a 408)
+        return 408, "The request body stalled past the server's --client-timeout.", {}
     if _malformed_http(exc):
         return 400, f"The request is malformed: {exc}.", {}
     if isinstance(exc, HTTPException):

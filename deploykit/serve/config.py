@@ -95,8 +95,8 @@ class ServeConfig:
             ),
             (self.max_queue < 1, f"--max-queue must be at least 1, got {self.max_queue}"),
             (
-                not 0 < self.client_timeout < float("inf"),
-                f"--client-timeout must be a positive number of seconds, got {self.client_timeout}",
+                not 0.001 <= self.client_timeout <= 86400,
+                f"--client-timeout must be between 0.001 and 86400 seconds, got {self.client_timeout}",
             ),
             (self.request_timeout <= 0, f"--request-timeout must be positive, got {self.request_timeout}"),
             (self.max_body_mb <= 0, f"--max-body-mb must be positive, got {self.max_body_mb}"),

@@ -234,7 +234,6 @@ class Registry:
                     )
                     log.error("model %r is not ready: %s", entry.name, entry.error)
                     return
-        static = predictor.card.input.shape[0] if predictor.card.input.shape else None
         metrics = self.metrics
         name = entry.name
         entry.batcher = Batcher(
@@ -243,7 +242,7 @@ class Registry:
             max_batch_size=plan.max_batch_size,
             max_delay=config.max_batch_delay_ms / 1000.0,
             max_queue=config.max_queue,
-            static_batch=static if isinstance(static, int) and static > 0 else None,
+            static_batch=predictor.card.fixed_batch,
             instances=plan.instances,
             solo_run=solo.run if solo is not None else None,
             on_batch=lambda rows, seconds, alone: metrics.observe_batch(name, rows, seconds, alone),

@@ -69,6 +69,7 @@ def _b64(text: Any, where: str) -> bytes:
     if text.startswith("data:") and "," in text:  # a data URL, as browsers produce
         text = text.split(",", 1)[1]
     text = "".join(text.split())
+    text += "=" * (-len(text) % 4)  # base64url is usually sent without its padding
     try:
         if "-" in text or "_" in text:
             return base64.b64decode(text, altchars=b"-_", validate=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
@@ -57,17 +56,6 @@ LINGER_BYTES = 64 * 1024
 
 #: Bytes asked for by each read of a request head (gunicorn's parser reads 8 KiB at a time too).
 HEAD_READ = 8192
-
-_REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    408: "Request Timeout",
-    414: "URI Too Long",
-    417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-}
 
 
 def configure_logging(level: str) -> None:
@@ -459,6 +447,7 @@ def worker_class(client_timeout: float = DEFAULT_CLIENT_TIMEOUT) -> type:
             _write_json_error(conn.sock, status, message)
 
         def handle_request(self, req: Any, conn: Any) -> Any:
+            _close_if_body_fails(req)
             try:
                 return super().handle_request(req, conn)
             except BlockingIOError:  # SO_SNDTIMEO: the client has read nothing of the answer for that long
@@ -484,7 +473,7 @@ def worker_class(client_timeout: float = DEFAULT_CLIENT_TIMEOUT) -> type:
             """Whether the next request on this kept-alive connection is already here or arrives within
             ``KEEPALIVE_LINGER_MS``, and this thread may answer it. It never lingers while stopping, on TLS or
             HTTP/2, or when no other handler thread is free (the connection then goes back to the poller)."""
-            if not self.alive or conn.is_http2 or self.cfg.is_ssl or self._handling >= self.cfg.threads:
+            if not self.alive or conn.is_http2 or not self._plain or self._handling >= self.cfg.threads:
                 return False
             if conn.parser.unreader.buf.getvalue():  # pipelined: the next request was read with this one
                 return True
@@ -507,6 +496,26 @@ def worker_class(client_timeout: float = DEFAULT_CLIENT_TIMEOUT) -> type:
     return DeployKitWorker
 
 
+def _close_if_body_fails(req: Any) -> None:
+    """Make a failed read of ``req``'s body (a stall past ``--client-timeout``, a malformed chunk) close the
+    connection in the answer's own head: gunicorn would otherwise write ``Connection: keep-alive`` and then
+    close, since where the next request starts is unknown (``Body.failed``), which clients report as an
+    error on their next request."""
+    body = req.body
+    if body is None:
+        return
+    read = body._read_reader
+
+    def guarded(size: Any) -> Any:
+        try:
+            return read(size)
+        except Exception:
+            req.must_close = True
+            raise
+
+    body._read_reader = guarded
+
+
 def _overdue(conn: Any, now: float) -> bool:
     deadline = getattr(conn, "head_deadline", None)
     return deadline is not None and deadline <= now
@@ -525,9 +534,13 @@ def _head_complete(data: bytes) -> bool:
 
 
 def _write_json_error(sock: socket.socket, status: int, message: str) -> None:
-    body = json.dumps({"error": message}, separators=(",", ":")).encode()
+    from werkzeug.http import HTTP_STATUS_CODES
+
+    from deploykit.serve.app import json_bytes
+
+    body = json_bytes({"error": message})
     head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nConnection: close\r\n"
+        f"HTTP/1.1 {status} {HTTP_STATUS_CODES.get(status, 'Error')}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     with contextlib.suppress(OSError):  # the client is gone or reads nothing: the connection closes anyway

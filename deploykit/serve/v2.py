@@ -310,7 +310,7 @@ def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview, m
             f"Input tensor {spec.name!r} has shape {shape}, but the model expects shape {expected} "
             f"({datatype_of(expected_dtype)})."
         )
-    if shape and shape[0] > max_rows:
+    if shape and expected[0] == -1 and shape[0] > max_rows:
         raise ServeError(
             f"Input tensor {spec.name!r} has a batch of {shape[0]}; this server takes at most {max_rows} "
             "per request (--max-request-images). Send the rest in further requests.",

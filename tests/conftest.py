@@ -51,6 +51,22 @@ def shapes_onnx(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nan_shapes_onnx(shapes_onnx: Path, models_dir: Path) -> Path:
+    """The example model with its last layer's bias set to NaN: every output is NaN (a broken model)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(shapes_onnx))
+    gemm = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    bias = next(i for i in model.graph.initializer if i.name == gemm.input[2])
+    bias.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(bias), np.nan), bias.name))
+    broken = models_dir / "shapes-nan.onnx"
+    onnx.save(model, str(broken))
+    return broken
+
+
+@pytest.fixture(scope="session")
 def resnet18_onnx(models_dir: Path) -> Path:
     """resnet18 with seeded random weights, exported once per session."""
     from deploykit.export import export_model

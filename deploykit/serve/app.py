@@ -64,6 +64,11 @@ def json_bytes(data: Any) -> bytes:
         return json.dumps(finite(data), separators=(",", ":")).encode()
 
 
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters: an error answer never echoes a huge input back whole."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """A JSON answer without Flask's jsonify overhead."""
     return Response(json_bytes(data), status=status, headers=headers, mimetype="application/json")
@@ -172,7 +177,7 @@ def error_answer(exc: Exception, req: Request) -> tuple[int, str, dict[str, str]
     if isinstance(exc, TimeoutError):  # --dev: Werkzeug's socket timeout (gunicorn's worker raises a 408)
         return 408, "The request body stalled past the server's --client-timeout.", {}
     if _malformed_http(exc):
-        return 400, f"The request is malformed: {exc}.", {}
+        return 400, f"The request is malformed: {clip(str(exc))}.", {}
     if isinstance(exc, HTTPException):
         status = exc.code or 500
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # e.g. 405's Allow

@@ -547,14 +547,12 @@ def _write_json_error(sock: socket.socket, status: int, message: str) -> None:
         sock.sendall(head.encode("latin-1") + body, socket.MSG_DONTWAIT)
 
 
-def _clip(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _error_answer(exc: BaseException, cfg: Any) -> tuple[int, str]:
     """The status (gunicorn's) and a one-line message for an error that gunicorn met outside the app."""
     from gunicorn.http import errors
     from werkzeug.exceptions import HTTPException
+
+    from deploykit.serve.app import clip
 
     if isinstance(exc, HTTPException):  # a 408 from DeployKitUnreader
         return exc.code or 400, exc.description or "Bad request."
@@ -573,17 +571,17 @@ def _error_answer(exc: BaseException, cfg: Any) -> tuple[int, str]:
             f"{cfg.limit_request_field_size} bytes each."
         )
     if isinstance(exc, errors.UnsupportedTransferCoding):
-        return 501, f"{_clip(str(exc))}; only 'chunked' is supported."
+        return 501, f"{clip(str(exc))}; only 'chunked' is supported."
     if isinstance(exc, errors.ExpectationFailed):
-        return 417, f"{_clip(str(exc))}; only 'Expect: 100-continue' is supported."
+        return 417, f"{clip(str(exc))}; only 'Expect: 100-continue' is supported."
     if isinstance(exc, errors.ForbiddenProxyRequest):
         return 403, "Proxy requests from this address are not allowed."
     if isinstance(
         exc, errors.InvalidChunkSize | errors.ChunkMissingTerminator | errors.InvalidChunkExtension
     ):
-        return 400, f"The chunked request body is malformed: {_clip(str(exc))}."
+        return 400, f"The chunked request body is malformed: {clip(str(exc))}."
     if isinstance(exc, errors.ParseException):
-        return 400, f"The request is not valid HTTP/1.1: {_clip(str(exc))}."
+        return 400, f"The request is not valid HTTP/1.1: {clip(str(exc))}."
     return 500, "Internal server error; the server log has the details."
 
 

@@ -26,6 +26,7 @@ from deploykit.runtime import provider_name
 from deploykit.serve.app import (
     Answer,
     HotRoute,
+    clip,
     error_response,
     hot_route,
     json_bytes,
@@ -263,10 +264,9 @@ def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """A client's value for an error message, cut short (an answer never echoes a huge input)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(value: Any) -> str:
+    """A client's value for an error message, cut short."""
+    return clip(repr(value), 60)
 
 
 def _input_tensor(header: dict[str, Any], card: ModelCard, binary: memoryview, max_rows: int) -> np.ndarray:

@@ -31,7 +31,7 @@ typecheck: install
 	$(PY) -m mypy deploykit
 
 bench: install
-	$(PY) benchmarks/bench_serve.py --workers 1,2 --repeat 2 --markdown
+	$(PY) benchmarks/bench_serve.py --image-size small,phone --repeat 3 --markdown
 	$(PY) benchmarks/bench_models.py
 	$(PY) benchmarks/bench_predict.py
 

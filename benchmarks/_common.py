@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmark scripts: timing, percentiles, tables, JSON, machine details, a real photo,
-and subprocess servers on loopback ports.
+"""Shared helpers for the benchmark scripts: timing, percentiles, tables, JSON, machine details, real photos
+(a small one and a phone-camera-size one made from it), and subprocess servers on loopback ports.
 
 Benchmarks are scripts, not tests: they print a table and optionally write JSON; nothing here asserts speed.
 """
@@ -21,13 +21,67 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+#: Generated inputs (never committed): ``$XDG_CACHE_HOME/deploykit-benchmarks``, else ``~/.cache/...``.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deploykit-benchmarks"
 
 
 def sample_photo() -> Path:
-    """A real JPEG photograph (Grace Hopper, 512x600) bundled with matplotlib; no download needed."""
+    """A real JPEG photograph (Grace Hopper, 512x600, 61 kB) bundled with matplotlib; no download needed."""
     from matplotlib import cbook
 
     return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def phone_photo(directory: Path | None = None, *, size: tuple[int, int] = (4032, 3024), seed: int = 0,
+                quality: int = 92) -> Path:
+    """A phone-camera-size JPEG (default 4032x3024, a few MB like a phone's) made from :func:`sample_photo`.
+
+    The real photo is cropped to the aspect ratio of ``size`` (centred), upscaled with Pillow's Lanczos filter
+    and given Gaussian sensor grain: read noise plus shot noise that grows with brightness, mostly shared by
+    the three channels (luminance grain) with a weaker per-channel part (chroma grain). Without the grain an
+    upscaled image is smooth and compresses to a fraction of a real photo's size, which would understate
+    upload and decoding. The bytes are deterministic for a given ``seed`` and Pillow and NumPy versions.
+
+    Args:
+        directory: where the file is cached (default :data:`CACHE`); it is written once, atomically.
+        size: (width, height) in pixels.
+        seed: seed of the grain.
+        quality: JPEG quality (phones save at about 90-95).
+    """
+    import numpy as np
+    from PIL import Image
+
+    width, height = size
+    target = (directory or CACHE) / f"phone-{width}x{height}-seed{seed}-q{quality}.jpg"
+    if target.is_file():
+        return target
+    with Image.open(sample_photo()) as opened:
+        source = opened.convert("RGB")
+    w, h = source.size
+    if w * height >= h * width:  # wider than the target: crop the sides
+        crop_w = round(h * width / height)
+        box = ((w - crop_w) // 2, 0, (w - crop_w) // 2 + crop_w, h)
+    else:  # taller: crop top and bottom
+        crop_h = round(w * height / width)
+        box = (0, (h - crop_h) // 2, w, (h - crop_h) // 2 + crop_h)
+    upscaled = source.resize(size, Image.Resampling.LANCZOS, box=box)
+    read_noise, shot_gain, chroma = 3.0, 0.1, 0.5  # sigma 3 levels in the dark, about 5 at mid-grey
+    rng = np.random.default_rng(seed)
+    pixels = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, 256):  # in bands, to keep the float copies small
+        band = np.asarray(upscaled.crop((0, top, width, min(height, top + 256))), dtype=np.float32)
+        sigma = np.sqrt(read_noise**2 + shot_gain * band.mean(axis=2, keepdims=True))
+        luma = rng.standard_normal((*band.shape[:2], 1), dtype=np.float32)
+        band += sigma * (luma + chroma * rng.standard_normal(band.shape, dtype=np.float32))
+        pixels[top:top + band.shape[0]] = np.clip(band + 0.5, 0, 255).astype(np.uint8)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(pixels).save(temp, "JPEG", quality=quality)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    return target
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -140,7 +194,8 @@ def machine_info() -> dict[str, Any]:
         info["usable_cores"] = len(os.sched_getaffinity(0))
     from importlib import metadata
 
-    for package in ("onnxruntime", "torch", "torchvision", "flask", "gunicorn", "numpy", "pillow"):
+    for package in ("onnxruntime", "torch", "torchvision", "flask", "waitress", "gunicorn", "numpy",
+                    "pillow"):
         try:
             info[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -155,8 +210,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def process_tree_rss_mb(pid: int) -> float:
-    """Resident memory (MB) of a process and all its descendants (e.g. a WSGI master and its workers)."""
+def process_tree_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of ``/proc/PID/status`` (MB) summed over a process and all its descendants (e.g. a
+    WSGI master and its workers): ``VmRSS`` is the resident memory now, ``VmHWM`` each process's peak."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -172,7 +228,7 @@ def process_tree_rss_mb(pid: int) -> float:
         todo.extend(children.get(current, []))
         try:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     total_kb += int(line.split()[1])
         except OSError:
             continue
@@ -183,13 +239,13 @@ class ServerProcess:
     """A server subprocess on a loopback port; ``stop()`` sends SIGTERM and waits."""
 
     def __init__(self, cmd: Sequence[str], *, url: str, log_path: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path = REPO) -> None:
         self.cmd = list(cmd)
         self.url = url
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's lifetime
         self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})}, cwd=REPO)
+                                        env={**os.environ, **(env or {})}, cwd=cwd)
 
     def wait_until(self, ready: Callable[[], bool], timeout: float = 180) -> None:
         """Poll ``ready`` until it is True; raise with the server log if the process dies or times out."""
@@ -210,7 +266,12 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def rss_mb(self) -> float:
-        return process_tree_rss_mb(self.process.pid)
+        """Resident memory of the server and its child processes, in MB."""
+        return process_tree_mb(self.process.pid)
+
+    def peak_mb(self) -> float:
+        """The sum of the peak resident memory of the server and its child processes, in MB."""
+        return process_tree_mb(self.process.pid, "VmHWM")
 
     def stop(self, timeout: float = 60) -> None:
         if self.process.poll() is None:

@@ -10,8 +10,8 @@
    process at the default concurrency.
 
 The model is the bundled shapes example exported to a temporary folder, unless ``--model``. Everything binds
-to 127.0.0.1. It prints a table and writes the "## Predict client" section to ``--doc`` (the lead merges it
-into docs/benchmarks.md).
+to 127.0.0.1. It prints tables, and ``--doc FILE`` writes them as the "## Predict client" section of
+docs/benchmarks.md.
 
     python benchmarks/bench_predict.py
     python benchmarks/bench_predict.py --runs 5 --images 100 --json out.json

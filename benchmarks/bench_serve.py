@@ -1,39 +1,52 @@
-"""Serving load benchmark: deploykit serve vs the in-process ceiling vs the classic Flask tutorial server.
+"""Serving benchmark: deploykit serve side by side with another revision, the Flask tutorial and the ceiling.
 
-For each concurrency (default 1, 8, 32) it measures throughput (images/s) and p50/p99 latency, in one run, of:
+For each image size and concurrency (default: the small photo at 1, 8 and 32 clients) it measures throughput
+(images/s) and p50/p99 latency of these systems, in one run:
 
-(a) the ceiling: deploykit's own preprocessing (``deploykit.images``) and ONNX Runtime ``Predictor`` called
-    in a tight loop in this process, with no HTTP, with the server's session settings (one intra-op thread
-    per core, no spinning; at concurrency 1 also ONNX Runtime's defaults). The best of these is the ceiling:
-    ``threads`` - c threads each decode, preprocess and predict one image per call (what c clients ask);
-    ``batch``   - one thread decodes c images and predicts them as one batch of c (perfect batching);
-    its latency is the time of one batch call;
-    ``threads, N ORT thread(s) each`` - as ``threads``, on the session with the share of the cores that the
-    server gives calls that run side by side (one thread per call on 2 cores).
-(b) ``deploykit serve`` in a subprocess with default settings (and ``--workers N`` for each N of --workers),
-(c) ``benchmarks/tutorial_server.py``: Flask's development server, PyTorch eager, torchvision transforms.
+- ``deploykit serve`` from the working tree, with default settings (plus ``--serve-args``), and one more
+  for each ``--variant``;
+- with ``--baseline-rev REV``, ``deploykit serve`` at that git revision: a ``git worktree`` of REV in a
+  temporary folder, run as ``python -m deploykit serve`` with PYTHONPATH on the worktree and removed at the
+  end. ``--baseline-pip`` installs what REV needs that this environment lacks (cd192df needs
+  ``gunicorn==27.0.1``) into a cached folder that only the baseline's PYTHONPATH sees;
+- ``benchmarks/tutorial_server.py``: the PyTorch "REST API with Flask" tutorial (Flask's development server,
+  PyTorch eager, torchvision transforms built per request), with the same resnet18 weights;
+- the ceiling: deploykit's decoding and preprocessing (``deploykit.images.load_tensor``: large JPEGs are
+  decoded reduced, or in full with ``--exact-decode``) and ONNX Runtime (``deploykit.runtime.Predictor``)
+  called in this process, with no HTTP. ``threads``: c threads, each decoding and predicting one image per
+  call, on a session with one intra-op thread per core and no spinning; ``threads, 1 ORT thread each``
+  (c > 1): the same with one intra-op thread per call; ``batch`` (c > 1): one thread decodes c images and
+  predicts them in one call (its latency is that call's); ``ORT defaults`` (c = 1): ONNX Runtime's default
+  session (spinning on). The ceiling of a cell is its configuration with the best median throughput.
 
-(b) and (c) receive the same multipart POST of a real JPEG photo (field ``file``) to ``/predict`` from a load
-generator in separate processes: a closed loop of c keep-alive connections (a minimal raw-socket HTTP/1.1
-client, threads spread over two processes) that posts back to back; after the warm-up, the requests completing
-inside the measured window are counted, so the figures are steady-state. The client's own CPU use is printed
-(about 1% of a core at these rates, so it is not the bottleneck). ``--client wrk`` uses wrk instead (Debian
-package ``wrk``; its counts include the ramp from a cold start). Everything binds to 127.0.0.1. The model is
-resnet18 with random weights, exported into a temporary folder, unless ``--model`` is given.
+The servers get the multipart POST of a JPEG (field ``file``, as ``requests.post(url, files=...)``) at
+``/predict`` from a closed loop of c keep-alive connections (a raw-socket HTTP/1.1 client, threads over two
+processes; ``--client wrk`` uses wrk instead). After the warm-up, the requests that complete inside the
+measured window are counted. Image sizes: ``small``, a real photo (matplotlib's grace_hopper.jpg, 512x600,
+61 kB); ``phone``, a 4032x3024 JPEG of a few MB made from it (``_common.phone_photo``, cached). The model is
+resnet18 with random weights, exported into a temporary folder, unless ``--model``. Everything is on
+127.0.0.1.
 
-    python benchmarks/bench_serve.py                    # full run (about 4 minutes on 2 cores)
-    python benchmarks/bench_serve.py --quick --json out.json
-    python benchmarks/bench_serve.py --workers 1,2 --serve-args "--threads 16"
+All servers run at once; every round measures each image size and concurrency for every system before the
+next (servers in a rotating order), so a row's systems are measured within a minute or two of each other on
+a shared, noisy machine. Each cell reports its median round; each ratio is taken within a round and
+reported as the median (range) of the rounds. Resident memory (VmRSS of the server and its child
+processes) is read once a server is ready and idle, and again idle after the run, with the peak (VmHWM).
+
+    python benchmarks/bench_serve.py --quick
+    python benchmarks/bench_serve.py --baseline-rev cd192df --baseline-pip gunicorn==27.0.1 \\
+        --image-size small,phone --repeat 3 --markdown --json serve.json
     python benchmarks/bench_serve.py --skip tutorial --variant "--max-batch-size 8"
     python benchmarks/bench_serve.py --skip tutorial --variant "MALLOC_ARENA_MAX=2 --threads 4"
 
-Each ``--variant`` is one more deploykit serve, measured in the same rounds as the default one; leading
-``NAME=value`` words are set in its environment.
+Leading ``NAME=value`` words of a ``--variant`` go to that server's environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -49,6 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -56,12 +70,15 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402 - the scripts folder is not a package
+    CACHE,
+    REPO,
     LoadResult,
     ServerProcess,
     format_table,
     free_port,
     machine_info,
     model_or_resnet18,
+    phone_photo,
     python,
     sample_photo,
     split_env,
@@ -73,24 +90,79 @@ if TYPE_CHECKING:
     from deploykit.runtime import Predictor
 
 BOUNDARY = "deploykit-bench-7d3f9a"
+IMAGE_SIZES = ("small", "phone")
+TUTORIAL = "tutorial (Flask dev + PyTorch eager)"
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """One image the benchmark sends: its name in the tables, file, bytes and pixel size."""
+
+    name: str
+    path: Path
+    data: bytes
+    width: int
+    height: int
+
+    @classmethod
+    def load(cls, name: str, path: Path) -> BenchImage:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            width, height = image.size
+        return cls(name, path, path.read_bytes(), width, height)
+
+    def describe(self) -> str:
+        size = len(self.data)
+        text = f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+        return f"{self.name} = {self.path.name} ({self.width}x{self.height}, {text})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file": str(self.path), "bytes": len(self.data), "width": self.width,
+                "height": self.height}
 
 
 # ---------------------------------------------------------------------------------------------------- ceiling
-def run_ceiling(predictor: Predictor, data: bytes, concurrency: int, *, duration: float, warmup: float,
-                mode: str) -> LoadResult:
-    """Preprocessing + ONNX Runtime in this process, as c threads of single images or batches of c."""
-    from deploykit.images import decode_image, preprocess_batch
+def open_ceiling_sessions(model: Path) -> dict[str, Predictor]:
+    """The in-process sessions: one intra-op thread per core without spinning (as a server that shares its
+    cores with request handling would use), one thread without spinning, and ONNX Runtime's defaults."""
+    from deploykit.runtime import Predictor, SessionOptions
+
+    return {
+        "cores": Predictor.open(model, SessionOptions(allow_spinning=False)),
+        "one": Predictor.open(model, SessionOptions(intra_op_threads=1, allow_spinning=False)),
+        "defaults": Predictor.open(model, SessionOptions()),
+    }
+
+
+def ceiling_shapes(sessions: Mapping[str, Predictor], c: int) -> list[tuple[str, Predictor, int, int]]:
+    """(system, session, threads, images per call) of each ceiling configuration at ``c`` clients; none
+    without sessions (``--skip ceiling``)."""
+    if not sessions:
+        return []
+    if c == 1:
+        return [("ceiling (threads)", sessions["cores"], 1, 1),
+                ("ceiling (ORT defaults)", sessions["defaults"], 1, 1)]
+    return [("ceiling (threads)", sessions["cores"], c, 1),
+            ("ceiling (threads, 1 ORT thread each)", sessions["one"], c, 1),
+            ("ceiling (batch)", sessions["cores"], 1, c)]
+
+
+def run_ceiling(system: str, predictor: Predictor, data: bytes, concurrency: int, threads: int,
+                images: int, *, exact: bool, duration: float, warmup: float) -> LoadResult:
+    """Decoding, preprocessing and ONNX Runtime in this process: ``threads`` threads calling back to back,
+    each call decoding ``images`` copies of ``data`` and predicting them as one batch."""
+    import numpy as np
+
+    from deploykit.images import load_tensor
 
     pp = predictor.card.preprocess
-    images = concurrency if mode == "batch" else 1
-    threads = 1 if mode == "batch" else concurrency
 
     def call() -> None:
-        batch = preprocess_batch([decode_image(data) for _ in range(images)], pp)
-        predictor.predict(batch, 5)
+        predictor.predict(np.stack([load_tensor(data, pp, exact=exact) for _ in range(images)]), 5)
 
     latencies, seconds = _closed_loop(call, threads, duration=duration, warmup=warmup)
-    return summarize(f"ceiling ({mode})", concurrency, latencies, seconds, images_per_latency=images,
+    return summarize(system, concurrency, latencies, seconds, images_per_latency=images,
                      note="in-process, no HTTP")
 
 
@@ -181,8 +253,8 @@ def wrk_load(url: str, body_path: Path, content_type: str, concurrency: int, *, 
 
 class RawClient:
     """A minimal HTTP/1.1 keep-alive client for the load generator: the request is encoded once and the
-    answer is read by its Content-Length, so the client adds about 0.1 ms less per request than http.client
-    (whose header parsing is pure Python) and takes less CPU from the server it shares the cores with."""
+    answer is read by its Content-Length, so the client takes less CPU from the server it shares the cores
+    with than http.client (whose header parsing is pure Python)."""
 
     def __init__(self, host: str, port: int, path: str, body: bytes, content_type: str) -> None:
         self.address = (host, port)
@@ -292,6 +364,7 @@ def python_load(url: str, body: bytes, content_type: str, concurrency: int, *, d
 
 # --------------------------------------------------------------------------------------------------- servers
 def post_once(url: str, body: bytes, content_type: str) -> tuple[int, Any]:
+    """POST ``body`` to ``url``; returns the status and the JSON answer (or its first bytes)."""
     parsed = urlsplit(url)
     conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=120)
     try:
@@ -306,46 +379,116 @@ def post_once(url: str, body: bytes, content_type: str) -> tuple[int, Any]:
         return response.status, text[:200]
 
 
-def http_ok(url: str) -> bool:
-    parsed = urlsplit(url)
-    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=2)
-    try:
-        conn.request("GET", parsed.path)
-        return conn.getresponse().status == 200
-    finally:
-        conn.close()
+def top1(answer: Any) -> str:
+    """The top-1 label of a /predict answer: deploykit's ``{"predictions": [{"label": ...}]}`` or the
+    tutorial's ``{"class_name": ...}``."""
+    if isinstance(answer, dict):
+        if "class_name" in answer:
+            return str(answer["class_name"])
+        predictions = answer.get("predictions")
+        if isinstance(predictions, list) and predictions and isinstance(predictions[0], dict):
+            return str(predictions[0].get("label"))
+    return f"unexpected answer {str(answer)[:80]!r}"
 
 
-def start_deploykit(model: Path, workdir: Path, extra: Sequence[str], body: bytes,
-                    content_type: str) -> ServerProcess:
-    port = free_port()
-    env, extra = split_env(extra)
-    cmd = [python(), "-m", "deploykit", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           *extra]
-    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"serve-{port}.log",
-                           env=env)
-    server.wait_until(lambda: http_ok(server.url + "/v2/health/ready"))
-    # With several workers, "ready" may come from the first one up; each fresh connection can land on any
-    # worker, so also wait until a run of predictions succeeds.
-    server.wait_until(lambda: all(post_once(server.url + "/predict", body, content_type)[0] == 200
-                                  for _ in range(8)))
-    return server
-
-
-def start_command(command: Sequence[str], model: Path, workdir: Path, body: bytes, content_type: str, *,
-                  log_name: str = "server") -> ServerProcess:
-    """Any server command line, with ``{port}`` and ``{model}`` filled in; ready once it answers
-    POST /predict with 200."""
+def start_server(name: str, command: Sequence[str], model: Path, workdir: Path, image: BenchImage, *,
+                 env: Mapping[str, str] | None = None, cwd: Path = REPO) -> ServerProcess:
+    """Start a server command line, with ``{port}`` and ``{model}`` filled in; ready once it answers
+    POST /predict of ``image`` with 200."""
     port = free_port()
     cmd = [arg.replace("{port}", str(port)).replace("{model}", str(model)) for arg in command]
-    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"{log_name}-{port}.log")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in name)[:40]
+    server = ServerProcess(cmd, url=f"http://127.0.0.1:{port}", log_path=workdir / f"{slug}-{port}.log",
+                           env=env, cwd=cwd)
+    body, content_type = multipart_body(image.data, image.path.name)
+    print(f"Starting {name} ...", flush=True)
     server.wait_until(lambda: post_once(server.url + "/predict", body, content_type)[0] == 200)
     return server
 
 
-def start_tutorial(model: Path, workdir: Path, body: bytes, content_type: str) -> ServerProcess:
-    cmd = [python(), str(Path(__file__).resolve().parent / "tutorial_server.py"), "--port", "{port}"]
-    return start_command(cmd, model, workdir, body, content_type, log_name="tutorial")
+def deploykit_command(extra: Sequence[str]) -> list[str]:
+    """``python -m deploykit serve`` on a loopback port: the deploykit it imports depends on the folder it
+    runs in and PYTHONPATH."""
+    return [python(), "-m", "deploykit", "serve", "{model}", "--host", "127.0.0.1", "--port", "{port}",
+            *extra]
+
+
+# -------------------------------------------------------------------------------------------------- baseline
+def git(*args: str, cwd: Path = REPO) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def working_tree_revision() -> str:
+    """HEAD's short hash, with ``+changes`` when deploykit/ has uncommitted changes."""
+    head = git("rev-parse", "--short=12", "HEAD")
+    return head + ("+changes" if git("status", "--porcelain", "--", "deploykit") else "")
+
+
+def pip_target(requirements: Sequence[str]) -> Path:
+    """A folder (cached under CACHE) with ``requirements`` installed by pip, for the baseline's PYTHONPATH.
+
+    A folder on PYTHONPATH rather than a venv: a venv made by this interpreter with --system-site-packages
+    sees the base interpreter's packages, not those of the venv this runs in (onnxruntime, Flask...)."""
+    key = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:12]
+    target = CACHE / f"pip-{key}"
+    if target.is_dir():
+        return target
+    print(f"Installing {' '.join(requirements)} for the baseline into {target} ...", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".pip-{key}-", dir=CACHE))
+    try:
+        subprocess.run([python(), "-m", "pip", "install", "--quiet", "--target", str(temp), *requirements],
+                       check=True)
+        os.replace(temp, target)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """deploykit at another revision: its worktree, and the environment that makes it importable."""
+
+    rev: str
+    sha: str
+    path: Path
+    env: dict[str, str]
+
+    @property
+    def system(self) -> str:
+        return f"deploykit serve @{self.rev}"
+
+
+@contextlib.contextmanager
+def baseline_worktree(rev: str, requirements: Sequence[str], workdir: Path) -> Any:
+    """Check out ``rev`` in a worktree under ``workdir``; yields a ``Baseline``; removes the worktree."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=REPO,
+                           capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        raise SystemExit(f"--baseline-rev {rev}: no such commit in {REPO} (see `git log --oneline`).")
+    sha = found.stdout.strip()
+    path = workdir / f"baseline-{sha[:12]}"
+    git("worktree", "add", "--detach", "--quiet", str(path), sha)
+    try:
+        pythonpath = [str(path), *([str(pip_target(requirements))] if requirements else [])]
+        baseline = Baseline(rev, sha, path, {"PYTHONPATH": os.pathsep.join(pythonpath)})
+        # The server runs in the worktree: ``python -m`` puts the current folder first on sys.path.
+        probe = subprocess.run([python(), "-c", "import deploykit; print(deploykit.__file__)"], cwd=path,
+                               env={**os.environ, **baseline.env}, capture_output=True, text=True,
+                               check=False)
+        if probe.returncode != 0 or not probe.stdout.strip().startswith(str(path)):
+            raise SystemExit(f"The baseline does not import deploykit from its worktree {path}: "
+                             f"{(probe.stdout + probe.stderr).strip()[-400:]}")
+        print(f"Baseline {rev} = {sha[:12]}, deploykit from {probe.stdout.strip()}", flush=True)
+        yield baseline
+    finally:
+        removed = subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, check=False,
+                                 capture_output=True)
+        if removed.returncode != 0:  # its folder is already gone: drop git's record of it
+            subprocess.run(["git", "worktree", "prune"], cwd=REPO, check=False, capture_output=True)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -353,196 +496,271 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def parse_sizes(text: str) -> list[str]:
+    sizes = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in sizes if x not in IMAGE_SIZES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown image size {', '.join(unknown)}; choose from "
+                                         f"{', '.join(IMAGE_SIZES)}")
+    return sizes
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", type=Path, help="ONNX file (default: resnet18, random weights)")
-    parser.add_argument("--image", type=Path, help="JPEG to send (default: matplotlib's grace_hopper.jpg)")
+    parser.add_argument("--image-size", type=parse_sizes, default=None, metavar="SIZES",
+                        help="comma list of small (a 512x600 photo, 61 kB) and phone (4032x3024 JPEG, a few "
+                             "MB) (default: small, or none when --image is given)")
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="also send this JPEG (repeatable)")
     parser.add_argument("--concurrency", type=parse_ints, default=[1, 8, 32],
-                        help="comma list (default 1,8,32)")
+                        help="comma list of client counts (default 1,8,32)")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell (default 10)")
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per cell (default 3)")
-    parser.add_argument("--workers", type=parse_ints, default=[],
-                        help="also/only run deploykit serve with --workers N for each N (comma list)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over all cells; each cell reports its median round (default 1)")
+    parser.add_argument("--quick", action="store_true", help="short run: 3 s per cell after 1 s warm-up")
+    parser.add_argument("--baseline-rev", metavar="REV",
+                        help="also run deploykit serve at this git revision (a temporary worktree)")
+    parser.add_argument("--baseline-pip", action="append", default=[], metavar="REQ",
+                        help="a requirement the baseline needs and this environment lacks, installed into a "
+                             "cached folder on the baseline's PYTHONPATH only (repeatable; cd192df: "
+                             "gunicorn==27.0.1)")
     parser.add_argument("--serve-args", default="",
-                        help="extra arguments for deploykit serve, e.g. '--threads 16'")
+                        help="extra arguments for every deploykit serve (baseline too), e.g. '--threads 16'")
     parser.add_argument("--variant", action="append", default=[], metavar="ARGS",
-                        help="also run a deploykit serve with these extra arguments (leading NAME=value "
-                             "words go to its environment), side by side (repeatable)")
+                        help="also run a working-tree deploykit serve with these extra arguments (leading "
+                             "NAME=value words go to its environment) (repeatable)")
     parser.add_argument("--server", action="append", default=[], metavar="NAME=COMMAND",
                         help="also measure another server that takes the multipart POST /predict; {port} and "
                              "{model} in COMMAND are filled in (repeatable)")
+    parser.add_argument("--exact-decode", action="store_true",
+                        help="the ceiling decodes every image in full (load_tensor(exact=True)) instead of "
+                             "reducing large JPEGs while decoding, to compare with a server that does")
+    parser.add_argument("--skip", default="",
+                        help="comma list of systems to skip: ceiling, serve (the working tree), tutorial")
     parser.add_argument("--client", choices=("python", "wrk"), default="python",
                         help="load generator (python: steady-state window, default; wrk: from a cold start)")
-    parser.add_argument("--skip", default="", help="comma list of systems to skip: ceiling, serve, tutorial")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds over all cells; each cell reports its median round (default 1)")
-    parser.add_argument("--quick", action="store_true", help="short run: 3 s per cell, 1 s warm-up")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--json", type=Path, help="write the results and machine details to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
+    if args.image_size is None:
+        args.image_size = [] if args.image else ["small"]
+    if not args.image_size and not args.image:
+        parser.error("no image: give --image-size or --image")
+    if args.repeat < 1 or args.duration <= 0 or args.warmup < 0 or not args.concurrency \
+            or min(args.concurrency) < 1:
+        parser.error("--repeat and --concurrency must be at least 1, --duration positive, --warmup >= 0")
+    for path in args.image:
+        if not path.is_file():
+            parser.error(f"--image {path}: no such file")
+    if args.model is not None and not args.model.is_file():
+        parser.error(f"--model {args.model}: no such file")
     if args.client == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk); use --client python")
+    for spec in args.server:
+        if not spec.partition("=")[2]:
+            parser.error(f"--server needs NAME=COMMAND, got {spec!r}")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip - {"ceiling", "serve", "tutorial"}:
+        parser.error(f"--skip: unknown {', '.join(sorted(args.skip - {'ceiling', 'serve', 'tutorial'}))}; "
+                     "choose from ceiling, serve, tutorial")
     return args
+
+
+def bench_images(args: argparse.Namespace) -> list[BenchImage]:
+    images = []
+    for size in args.image_size:
+        if size == "phone":
+            print("Generating (or reusing) the phone-size photo ...", flush=True)
+        images.append(BenchImage.load(size, sample_photo() if size == "small" else phone_photo()))
+    images += [BenchImage.load(path.name, path) for path in args.image]
+    return images
+
+
+def start_servers(args: argparse.Namespace, model: Path, workdir: Path, image: BenchImage,
+                  baseline: Baseline | None,
+                  servers: dict[str, ServerProcess]) -> dict[str, dict[str, float]]:
+    """Start every server of the run into ``servers``; returns each one's resident memory once ready."""
+    extra = shlex.split(args.serve_args)
+    if "serve" not in args.skip:
+        for words in [[], *(shlex.split(v) for v in args.variant)]:
+            env, more = split_env(words)
+            system = " ".join(["deploykit serve", *extra, *words])
+            servers[system] = start_server(system, deploykit_command([*extra, *more]), model, workdir, image,
+                                           env=env)
+    if baseline is not None:
+        system = " ".join([baseline.system, *extra])
+        try:
+            servers[system] = start_server(system, deploykit_command(extra), model, workdir, image,
+                                           env=baseline.env, cwd=baseline.path)
+        except RuntimeError as exc:
+            raise SystemExit(f"{exc}\nIf the baseline lacks a package, give it with --baseline-pip "
+                             "(cd192df: --baseline-pip gunicorn==27.0.1).") from exc
+    for spec in args.server:
+        system, _, command = spec.partition("=")
+        servers[system] = start_server(system, shlex.split(command), model, workdir, image)
+    if "tutorial" not in args.skip:
+        script = Path(__file__).resolve().parent / "tutorial_server.py"
+        command = [python(), str(script), "--port", "{port}"]
+        servers[TUTORIAL] = start_server(TUTORIAL, command, model, workdir, image)
+    # every server is up and idle now: its models are loaded and it has answered one request
+    return {system: {"ready": round(server.rss_mb(), 1)} for system, server in servers.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     load_before = [round(x, 2) for x in os.getloadavg()]
-    photo = args.image or sample_photo()
-    data = photo.read_bytes()
-    body, content_type = multipart_body(data, photo.name)
-    memory: dict[str, float] = {}
-    answers: dict[str, Any] = {}
+    images = bench_images(args)
+    bodies = {image.name: multipart_body(image.data, image.path.name) for image in images}
+    revisions = {"working tree": working_tree_revision()}
+    answers: dict[str, dict[str, str]] = {image.name: {} for image in images}
+    cells: dict[tuple[str, str, int], list[LoadResult]] = {}
+    baseline_system = None
 
-    def load(url: str, c: int, system: str, workdir: Path) -> LoadResult:
-        if args.client == "wrk":
-            body_path = workdir / "body.bin"
-            body_path.write_bytes(body)
-            return wrk_load(url, body_path, content_type, c, duration=args.duration, warmup=args.warmup,
-                            system=system)
-        return python_load(url, body, content_type, c, duration=args.duration, warmup=args.warmup,
-                           system=system)
-
-    def report(result: LoadResult) -> None:
-        print(f"  {result.system:<34} c={result.concurrency:<3} {result.throughput:7.1f} img/s  "
-              f"p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  errors {result.errors}", flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deploykit-bench-")))
         model = model_or_resnet18(args.model, workdir)
-        print(f"Model {model}, image {photo.name} ({len(data):,} bytes), client {args.client}, "
-              f"{args.duration:g} s per cell after {args.warmup:g} s warm-up", flush=True)
-
-        # Start every server first and measure concurrency by concurrency, so that the systems compared in
-        # one row are measured minutes apart at most (other work on the machine drifts over a run).
+        print(f"Model {model}; client {args.client}; {args.duration:g} s per cell after {args.warmup:g} s "
+              f"warm-up; {args.repeat} round(s)", flush=True)
+        print("Images: " + "; ".join(image.describe() for image in images), flush=True)
+        baseline = None
+        if args.baseline_rev:
+            baseline = stack.enter_context(baseline_worktree(args.baseline_rev, args.baseline_pip, workdir))
+            baseline_system = " ".join([baseline.system, *shlex.split(args.serve_args)])
+            revisions["baseline"] = f"{baseline.rev} = {baseline.sha[:12]}"
         servers: dict[str, ServerProcess] = {}
-        try:
-            if "serve" not in skip:
-                extra = shlex.split(args.serve_args)
-                runs = [["--workers", str(n), *extra] for n in args.workers] if args.workers else [extra]
-                runs += [[*extra, *shlex.split(variant)] for variant in args.variant]
-                for run in runs:
-                    system = " ".join(["deploykit serve", *run])
-                    servers[system] = start_deploykit(model, workdir, run, body, content_type)
-                    answers[system] = post_once(servers[system].url + "/predict", body,
-                                                content_type)[1]["predictions"][0]["label"]
-            for spec in args.server:
-                system, _, command = spec.partition("=")
-                if not command:
-                    raise SystemExit(f"--server needs NAME=COMMAND, got {spec!r}")
-                servers[system] = start_command(shlex.split(command), model, workdir, body, content_type)
-            if "tutorial" not in skip:
-                system = "tutorial (Flask dev + PyTorch eager)"
-                servers[system] = start_tutorial(model, workdir, body, content_type)
-                answers[system] = post_once(servers[system].url + "/predict", body,
-                                            content_type)[1]["class_name"]
-            memory.update({system: round(server.rss_mb(), 1) for system, server in servers.items()})
 
-            ceilings: dict[bool, list[tuple[Predictor, str]]] = {}
-            if "ceiling" not in skip:
-                from deploykit.images import decode_image
-                from deploykit.runtime import Predictor, SessionOptions
-                from deploykit.serve.config import ModelSpec, ServeConfig
-                from deploykit.serve.registry import inference_plan, open_predictors
-
-                # The server's own sessions (no spinning): one with every core, and, where the server's
-                # default plan has one, the session with a share of the cores that its concurrent calls use.
-                # ONNX Runtime's defaults (spinning on) for comparison at concurrency 1.
-                config = ServeConfig(models=(ModelSpec("m", model),))
-                plan = inference_plan(config)
-                shared, solo = open_predictors(model, config, plan)
-                predictor = solo or shared
-                ceilings[False] = [(predictor, "threads"), (Predictor.open(model, SessionOptions()),
-                                                            "threads, ORT defaults")]
-                ceilings[True] = [(predictor, "threads"), (predictor, "batch")]
-                if solo is not None:
-                    ceilings[True].append((shared, f"threads, {plan.threads} ORT thread(s) each"))
-                answers["ceiling"] = predictor.predict_images([decode_image(data)], 1)[0][0].label
-
-            cells: dict[tuple[str, int], list[LoadResult]] = {}
-            for round_ in range(args.repeat):
-                if args.repeat > 1:
-                    print(f"Round {round_ + 1} of {args.repeat}", flush=True)
-                for c in args.concurrency:
-                    measured = []
-                    for session, mode in ceilings.get(c > 1, []):
-                        measured.append(run_ceiling(session, data, c, duration=args.duration,
-                                                    warmup=args.warmup, mode=mode))
-                    # each round starts with another server, so that no system is always measured first
-                    order = list(servers.items())
-                    shift = round_ % len(order) if order else 0
-                    for system, server in order[shift:] + order[:shift]:
-                        measured.append(load(server.url + "/predict", c, system, workdir))
-                    for result in measured:
-                        report(result)
-                        cells.setdefault((result.system, result.concurrency), []).append(result)
-            memory.update({f"{system} (after load)": round(server.rss_mb(), 1)
-                           for system, server in servers.items()})
-        finally:
+        @stack.callback  # before the worktree and the temporary folder go
+        def stop_servers() -> None:
             for server in servers.values():
                 server.stop()
-        # With several rounds, each cell reports its round of median throughput.
-        results = [sorted(runs, key=lambda r: r.throughput)[len(runs) // 2] for runs in cells.values()]
-        results.sort(key=lambda r: (r.concurrency, _order(r.system)))
+
+        # Every server first, then the cells, so that the systems of one row are measured close together.
+        memory = start_servers(args, model, workdir, images[0], baseline, servers)
+        sessions: dict[str, Predictor] = {}
+        if "ceiling" not in args.skip:
+            from deploykit.images import load_tensor
+
+            sessions = open_ceiling_sessions(model)
+            for image in images:
+                predictor = sessions["cores"]
+                tensor = load_tensor(image.data, predictor.card.preprocess, exact=args.exact_decode)
+                best = predictor.predict(tensor[None], 1)[0][0]
+                answers[image.name]["ceiling"] = best.label
+        for image in images:
+            for system, server in servers.items():
+                answers[image.name][system] = top1(post_once(server.url + "/predict", *bodies[image.name])[1])
+
+        def load(system: str, server: ServerProcess, image: BenchImage, c: int) -> LoadResult:
+            body, content_type = bodies[image.name]
+            if args.client == "wrk":
+                body_path = workdir / f"body-{image.name}.bin"
+                body_path.write_bytes(body)
+                return wrk_load(server.url + "/predict", body_path, content_type, c, duration=args.duration,
+                                warmup=args.warmup, system=system)
+            return python_load(server.url + "/predict", body, content_type, c, duration=args.duration,
+                               warmup=args.warmup, system=system)
+
+        turn = 0
+        for round_ in range(args.repeat):
+            if args.repeat > 1:
+                print(f"Round {round_ + 1} of {args.repeat}", flush=True)
+            for image in images:
+                for c in args.concurrency:
+                    measured = [run_ceiling(system, session, image.data, c, threads, per_call,
+                                            exact=args.exact_decode, duration=args.duration,
+                                            warmup=args.warmup)
+                                for system, session, threads, per_call in ceiling_shapes(sessions, c)]
+                    # each cell starts with another server, so that none is always measured first
+                    order = list(servers.items())
+                    order = order[turn % len(order):] + order[:turn % len(order)] if order else []
+                    turn += 1
+                    measured += [load(system, server, image, c) for system, server in order]
+                    for r in measured:
+                        print(f"  {image.name:<6} {r.system:<38} c={c:<3} {r.throughput:7.1f} img/s  "
+                              f"p50 {r.p50_ms:8.1f} ms  p99 {r.p99_ms:8.1f} ms  errors {r.errors}",
+                              flush=True)
+                        cells.setdefault((r.system, image.name, c), []).append(r)
+        short = {(image, c) for (_, image, c), runs in cells.items() if any(r.requests < c for r in runs)}
+        if short:
+            names = [f"{image.name} c={c}" for image in images for c in args.concurrency
+                     if (image.name, c) in short]
+            print(f"Warning: fewer requests than clients completed in the window of {', '.join(names)}: "
+                  "the window is shorter than a request; give a longer --duration.", flush=True)
+        time.sleep(2.0)  # idle before reading the memory after the run
+        for system, server in servers.items():
+            memory[system].update(after_run=round(server.rss_mb(), 1), peak=round(server.peak_mb(), 1))
 
     info = machine_info()
     info["load_average_before"] = load_before
     print("\nMachine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print("Top-1 label per system (must agree): " + json.dumps(answers))
-    print("Resident memory (MB, process tree): " + json.dumps(memory) + "\n")
-    rows = [[r.system, r.concurrency, r.throughput, r.p50_ms, r.p99_ms, r.errors] for r in results]
-    print(format_table(["system", "concurrency", "img/s", "p50 ms", "p99 ms", "errors"], rows,
+    print("Revisions: " + ", ".join(f"{k} {v}" for k, v in revisions.items()))
+    print("Images: " + "; ".join(image.describe() for image in images))
+    # Same weights and preprocessing: the labels agree, except where a server decodes a large image reduced
+    # and another in full (random weights make the top-1 of a photo fragile).
+    print("Top-1 label per image and system: " + json.dumps(answers) + "\n")
+    rank = {image.name: i for i, image in enumerate(images)}
+    # With several rounds, each cell reports its round of median throughput.
+    results = sorted(((image, sorted(runs, key=lambda r: r.throughput)[len(runs) // 2])
+                      for (_, image, _), runs in cells.items()),
+                     key=lambda pair: (rank[pair[0]], pair[1].concurrency, _order(pair[1].system)))
+    rows = [[r.system, image, r.concurrency, r.throughput, r.p50_ms, r.p99_ms, r.errors]
+            for image, r in results]
+    print(format_table(["system", "image", "clients", "img/s", "p50 ms", "p99 ms", "errors"], rows,
                        markdown=args.markdown))
-    ratios = ratio_rows(cells)
+    ratios = sorted(ratio_rows(cells, baseline_system),
+                    key=lambda row: (rank[row[1]], row[2], _order(row[0])))
     if ratios:
         print()
-        headers = ["served system", "concurrency", "median img/s", "/ ceiling", "/ max ceiling cell",
-                   "/ tutorial"]
-        print(format_table(headers, ratios, markdown=args.markdown))
+        print(format_table(["served system", "image", "clients", "median img/s", "/ ceiling", "/ tutorial",
+                            "/ baseline"], ratios, markdown=args.markdown))
+    if memory:
+        print()
+        nan = float("nan")
+        print(format_table(["server", "MB ready (idle)", "MB after the run (idle)", "MB peak"],
+                           [[system, m["ready"], m.get("after_run", nan), m.get("peak", nan)]
+                            for system, m in memory.items()], markdown=args.markdown))
     if args.json:
-        write_json(args.json, {"machine": info, "settings": {k: str(v) for k, v in vars(args).items()},
-                               "image": photo.name, "answers": answers, "memory_mb": memory,
-                               "results": [r.to_dict() for r in results],
-                               "rounds": [[r.to_dict() for r in runs] for runs in cells.values()],
-                               "ratios": [dict(zip(("system", "concurrency", "median_throughput",
-                                                    "vs_ceiling", "vs_max_ceiling_cell", "vs_tutorial"), row,
-                                                   strict=True))
-                                          for row in ratios]})
+        write_json(args.json, {
+            "machine": info, "settings": {k: str(v) for k, v in vars(args).items()}, "revisions": revisions,
+            "images": [image.to_dict() for image in images], "answers": answers, "memory_mb": memory,
+            "results": [{**r.to_dict(), "image": image} for image, r in results],
+            "rounds": [[{**r.to_dict(), "image": image} for r in runs]
+                       for (_, image, _), runs in cells.items()],
+            "ratios": [dict(zip(("system", "image", "concurrency", "median_throughput", "vs_ceiling",
+                                 "vs_tutorial", "vs_baseline"), row, strict=True)) for row in ratios],
+        })
     return 0
 
 
-def ratio_rows(cells: Mapping[tuple[str, int], Sequence[LoadResult]]) -> list[list[Any]]:
-    """Per served system and concurrency: throughput over the ceiling and over the tutorial server.
+def ratio_rows(cells: Mapping[tuple[str, str, int], Sequence[LoadResult]],
+               baseline: str | None) -> list[list[Any]]:
+    """Per served system, image and concurrency: its median throughput and its throughput over the ceiling,
+    the tutorial server and the baseline revision.
 
-    The reference of a concurrency is its best configuration: the ceiling (or tutorial) system with the
-    highest median throughput over the rounds. Each round's ratio compares the served cell with that
-    system's cell of the same round (measured within a minute of it); the row gives the median of the rounds'
-    ratios and their range, so that drift on a shared machine shows instead of hiding in a mean. The column
-    "/ max ceiling cell" divides by the best ceiling cell of each round instead: the maximum of several noisy
-    cells of near-equal configurations is biased upwards, so it is a stricter, pessimistic figure.
+    The reference of a cell is the ceiling configuration (or tutorial, or baseline) with the highest median
+    throughput over the rounds. Each round's ratio compares the served cell with the reference's cell of the
+    same round (measured close in time); the row gives the median of the rounds' ratios and their range, so
+    that drift on a shared machine shows instead of hiding in a mean.
     """
     rows = []
-    for (system, concurrency), runs in cells.items():
-        if system.startswith(("ceiling", "tutorial")):
+    for (system, image, concurrency), runs in cells.items():
+        if system.startswith("ceiling") or system == TUTORIAL:
             continue
-        row: list[Any] = [system, concurrency, statistics.median(r.throughput for r in runs)]
-        for prefix, per_round_max in (("ceiling", False), ("ceiling", True), ("tutorial", False)):
-            references = [rs for (s, c), rs in cells.items() if c == concurrency and s.startswith(prefix)]
+        row: list[Any] = [system, image, concurrency, statistics.median(r.throughput for r in runs)]
+        same_cell = {s: rs for (s, i, c), rs in cells.items() if i == image and c == concurrency}
+        for references in ([rs for s, rs in same_cell.items() if s.startswith("ceiling")],
+                           [rs for s, rs in same_cell.items() if s == TUTORIAL],
+                           [rs for s, rs in same_cell.items() if s == baseline and s != system]):
             ratios = []
             if references:
                 best = max(references, key=lambda rs: statistics.median(r.throughput for r in rs))
-                for round_, served in enumerate(runs):
-                    if per_round_max:
-                        base = max((rs[round_].throughput for rs in references if len(rs) > round_),
-                                   default=0.0)
-                    else:
-                        base = best[round_].throughput if len(best) > round_ else 0.0
-                    if base > 0:
-                        ratios.append(served.throughput / base)
+                ratios = [served.throughput / base.throughput
+                          for served, base in zip(runs, best, strict=False) if base.throughput > 0]
             row.append(_ratio_range(ratios))
         rows.append(row)
     return rows
@@ -556,14 +774,16 @@ def _ratio_range(ratios: Sequence[float]) -> str:
 
 
 def _order(system: str) -> int:
-    """Table order: the ceiling, deploykit serve, other servers (--server), the tutorial."""
+    """Table order: the ceiling, deploykit serve, the baseline, other servers (--server), the tutorial."""
     if system.startswith("ceiling"):
         return 0
+    if system.startswith("deploykit serve @"):
+        return 2
     if system.startswith("deploykit"):
         return 1
-    if system.startswith("tutorial"):
-        return 3
-    return 2
+    if system == TUTORIAL:
+        return 4
+    return 3
 
 
 if __name__ == "__main__":

@@ -107,7 +107,6 @@ def package_model(
     storage_uri: str = STORAGE_URI_PLACEHOLDER,
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
     prestop_seconds: int = 5,
-    workers: int = 1,
     cpu_request: str = "500m",
     cpu_limit: str = "2",
     memory: str = "1Gi",
@@ -132,7 +131,7 @@ def package_model(
         storage_uri: the KServe ``storageUri`` (where the repository is uploaded).
         graceful_timeout, prestop_seconds: the server's drain time on SIGTERM and the preStop delay before it;
             the pod's terminationGracePeriodSeconds is set above their sum.
-        workers, cpu_request, cpu_limit, memory, min_replicas, max_replicas, target_cpu_percent: pod settings.
+        cpu_request, cpu_limit, memory, min_replicas, max_replicas, target_cpu_percent: pod settings.
         force: replace a non-empty ``output_dir``.
 
     Raises:
@@ -153,7 +152,6 @@ def package_model(
         (max_queue_delay_us < 0, f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}"),
         (graceful_timeout < 0, f"graceful_timeout must be >= 0, got {graceful_timeout}"),
         (prestop_seconds < 0, f"prestop_seconds must be >= 0, got {prestop_seconds}"),
-        (workers < 1, f"workers must be at least 1, got {workers}"),
         (not 1 <= min_replicas <= max_replicas,
          f"need 1 <= min_replicas <= max_replicas, got {min_replicas} and {max_replicas}"),
         (not 1 <= target_cpu_percent <= 100, f"target_cpu_percent must be 1..100, got {target_cpu_percent}"),
@@ -176,7 +174,7 @@ def package_model(
         "graceful_timeout": f"{graceful_timeout:g}", "prestop_seconds": prestop_seconds,
         # Kubernetes counts the preStop hook inside the grace period; 10 s of margin before SIGKILL.
         "termination_grace": int(prestop_seconds + graceful_timeout + 0.999) + 10,
-        "workers": workers, "cpu_request": cpu_request, "cpu_limit": cpu_limit, "memory": memory,
+        "cpu_request": cpu_request, "cpu_limit": cpu_limit, "memory": memory,
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_cpu_percent": target_cpu_percent,
         "storage_uri": storage_uri,
     }

@@ -539,7 +539,6 @@ def test_packaged_defaults_are_the_servers() -> None:
     assert serve_lib["max_batch_size"] is None
     one_at_a_time = ServeConfig(models=(ModelSpec("m", Path("m.onnx")),), instances=1)
     assert inference_plan(one_at_a_time, cores=2).max_batch_size == DEFAULT_MAX_BATCH_SIZE
-    assert "workers" in serve_cli  # the manifests pass --workers
 
 
 # --- CLI -------------------------------------------------------------------------------------------

@@ -17,8 +17,12 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server."),
     port: int = typer.Option(5000, "--port", help="Port to listen on."),
-    workers: int = typer.Option(1, "--workers", help="Worker processes (each loads every model)."),
-    threads: int = typer.Option(8, "--threads", help="Request threads per worker."),
+    threads: int = typer.Option(
+        8, "--threads", help="Threads that handle requests (each request arrives whole before one takes it)."
+    ),
+    max_connections: int = typer.Option(
+        1000, "--max-connections", help="Most connections open at once; more wait until some close."
+    ),
     max_batch_size: int | None = typer.Option(
         None,
         "--max-batch-size",
@@ -27,8 +31,7 @@ def serve(
     instances: int | None = typer.Option(
         None,
         "--instances",
-        help="ONNX Runtime calls in flight at once per model and worker (Triton's count; default: one per "
-        "core on CPU).",
+        help="ONNX Runtime calls in flight at once per model (Triton's count; default: one per core on CPU).",
     ),
     max_batch_delay_ms: float = typer.Option(
         5.0, "--max-batch-delay-ms", help="Longest wait to fill a batch."
@@ -44,11 +47,11 @@ def serve(
     graceful_timeout: float = typer.Option(
         30.0, "--graceful-timeout", help="Seconds to finish requests on SIGTERM."
     ),
-    client_timeout: float = typer.Option(
-        10.0,
+    client_timeout: int = typer.Option(
+        10,
         "--client-timeout",
-        help="Seconds a client may take to send a request's line and headers, or stall while sending the "
-        "body or reading the answer (408, then the connection is closed).",
+        help="Seconds a connection may stay silent (idle, stalled in a request, or reading nothing of an "
+        "answer) before it is closed.",
     ),
     api_key: str | None = typer.Option(
         None,
@@ -65,8 +68,8 @@ def serve(
     intra_op_threads: int | None = typer.Option(
         None,
         "--intra-op-threads",
-        help="ONNX Runtime threads per call (default: a call alone gets the worker's cores, calls side by "
-        "side share them).",
+        help="ONNX Runtime threads per call (default: a call alone gets every core, calls side by side share "
+        "them).",
     ),
     provider: list[str] | None = typer.Option(
         None, "--provider", help="ONNX Runtime provider (cpu, cuda...)."
@@ -74,12 +77,11 @@ def serve(
     no_self_test: bool = typer.Option(
         False, "--no-self-test", help="Skip the fingerprint self-test; ready as soon as the models load."
     ),
-    dev: bool = typer.Option(False, "--dev", help="Flask's development server instead of gunicorn."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Serve models: POST /predict, the Open Inference Protocol at /v2, /metrics, and a web page at /."""
     from deploykit.serve.config import ServeConfig, parse_model_specs
-    from deploykit.serve.runner import run_server
+    from deploykit.serve.server import run_server
 
     if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
@@ -87,8 +89,8 @@ def serve(
         models=parse_model_specs(models or []),
         host=host,
         port=port,
-        workers=workers,
         threads=threads,
+        max_connections=max_connections,
         max_batch_size=max_batch_size,
         instances=instances,
         max_batch_delay_ms=max_batch_delay_ms,
@@ -102,7 +104,6 @@ def serve(
         intra_op_threads=intra_op_threads,
         providers=tuple(provider or ("cpu",)),
         self_test=not no_self_test,
-        dev=dev,
         log_level=log_level.lower(),
         client_timeout=client_timeout,
     )

@@ -1,7 +1,7 @@
 """``deploykit serve``: a Flask inference server for exported ONNX models.
 
 Modules: :mod:`~deploykit.serve.config` (``ServeConfig``), :mod:`~deploykit.serve.app` (``create_app``),
-:mod:`~deploykit.serve.runner` (gunicorn). Nothing is imported here so that ``import deploykit.serve`` stays
+:mod:`~deploykit.serve.server` (waitress). Nothing is imported here so that ``import deploykit.serve`` stays
 cheap; the server never imports torch.
 """
 
@@ -14,7 +14,7 @@ _EXPORTS = {
     "ServeConfig": "deploykit.serve.config",
     "ModelSpec": "deploykit.serve.config",
     "create_app": "deploykit.serve.app",
-    "run_server": "deploykit.serve.runner",
+    "run_server": "deploykit.serve.server",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,15 +1,15 @@
 """Dynamic batching: one thread per model groups concurrent requests into one ONNX Runtime call.
 
-Request threads (gunicorn gthread handlers) preprocess their images, then :meth:`Batcher.submit` the arrays
-and wait. The batcher thread takes the oldest request, adds queued ones while they fit in ``max_batch_size``
-rows, and waits up to ``max_delay`` for more only while other requests are known to be on their way
-(``incoming``), so a lone client never pays the batching delay. With ``instances`` > 1 (Triton's instance
-count) that many batcher threads take batches from the same queue and run them at the same time on the one
-ONNX Runtime session (``run`` is thread-safe): requests run side by side while an instance is free, and are
-batched once every instance is busy. With a ``solo_run`` (on CPU, a session with more threads), a call that
-starts while nothing else is running, queued or on its way takes it: a lone request gets every core, requests
-side by side get an instance each. The queue is bounded: a full queue raises :class:`QueueFull` at once
-(503 + Retry-After) instead of growing without limit.
+Request threads (the HTTP server's handler threads) preprocess their images, then :meth:`Batcher.submit` the
+arrays and wait. The batcher thread takes the oldest request, adds queued ones while they fit in
+``max_batch_size`` rows, and waits up to ``max_delay`` for more only while other requests are known to be on
+their way (``incoming``), so a lone client never pays the batching delay. With ``instances`` > 1 (Triton's
+instance count) that many batcher threads take batches from the same queue and run them at the same time on
+the one ONNX Runtime session (``run`` is thread-safe): requests run side by side while an instance is free,
+and are batched once every instance is busy. With a ``solo_run`` (on CPU, a session with more threads), a
+call that starts while nothing else is running, queued or on its way takes it: a lone request gets every
+core, requests side by side get an instance each. The queue is bounded: a full queue raises
+:class:`QueueFull` at once (503 + Retry-After) instead of growing without limit.
 """
 
 from __future__ import annotations
@@ -24,42 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploykit.errors import DeployKitError
 from deploykit.runtime import pad_batch
+from deploykit.serve.answers import QueueFull, RequestTimeout
 
 log = logging.getLogger("deploykit.serve")
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
 BatchHook = Callable[[int, float, bool], None]
-
-
-class ServeError(DeployKitError):
-    """An error answered with an HTTP status (and optional headers) by the server."""
-
-    status = 400
-
-    def __init__(
-        self, message: str, *, status: int | None = None, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        self.headers = headers or {}
-
-
-class QueueFull(ServeError):
-    """The model's queue is full; the client should retry later (503)."""
-
-    status = 503
-
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after)})
-
-
-class RequestTimeout(ServeError):
-    """The request waited longer than the request timeout (504)."""
-
-    status = 504
 
 
 @dataclass(eq=False)  # identity: a timed-out request is found in (and removed from) the queue by itself

@@ -13,7 +13,7 @@ from deploykit.errors import ModelNotFoundError, UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
-#: Default most rows per ONNX Runtime call when one call at a time has the worker's cores (or a GPU): batching
+#: Default most rows per ONNX Runtime call when one call at a time has every core (or a GPU): batching
 #: is then what keeps the device busy.
 MAX_BATCH_ONE_AT_A_TIME = 8
 #: ... and when calls run side by side on a share of the cores (the CPU default): each call already has a core
@@ -21,9 +21,13 @@ MAX_BATCH_ONE_AT_A_TIME = 8
 #: median p99 224 ms at 2 against 320 ms at 8, throughput within 2%; docs/benchmarks.md).
 MAX_BATCH_SIDE_BY_SIDE = 2
 
-#: Default seconds a client may take to send a request's head, or stall while sending its body or reading the
-#: answer, before the server gives up on it (``--client-timeout``).
-DEFAULT_CLIENT_TIMEOUT = 10.0
+#: Default seconds a connection may stay silent (nothing received, nothing sent) before the server closes it:
+#: an idle kept-alive connection, a client stalled in its request, a client that reads nothing of its answer
+#: (``--client-timeout``).
+DEFAULT_CLIENT_TIMEOUT = 10
+#: Default most connections open at once (``--max-connections``); past it the server accepts no more until
+#: some close (they wait in the listen backlog).
+DEFAULT_MAX_CONNECTIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,9 @@ class ServeConfig:
     """Everything the server needs; built by the CLI or by code, never from Typer objects.
 
     ``models`` are served in order, the first is the default for ``POST /predict``. ``request_timeout`` and
-    ``graceful_timeout`` are seconds, and so is ``client_timeout``: how long a client may take to send a
-    request's line and headers, or stall while sending its body or reading the answer (408).
+    ``graceful_timeout`` are seconds, and so is ``client_timeout`` (whole seconds): how long a connection may
+    stay silent before it is closed. ``threads`` handle requests whose bytes have all arrived; the HTTP server
+    receives requests and sends answers without them, for up to ``max_connections`` connections.
     ``instances``, ``intra_op_threads`` and ``max_batch_size`` None pick values for the machine
     (``registry.inference_plan``).
     ``load_in_background`` makes ``create_app`` return at once (liveness answers while models load).
@@ -55,7 +60,6 @@ class ServeConfig:
     models: tuple[ModelSpec, ...]
     host: str = "127.0.0.1"
     port: int = 5000
-    workers: int = 1
     threads: int = 8
     max_batch_size: int | None = None
     instances: int | None = None
@@ -70,16 +74,15 @@ class ServeConfig:
     intra_op_threads: int | None = None
     providers: tuple[str, ...] = ("cpu",)
     self_test: bool = True
-    dev: bool = False
     log_level: str = "info"
     max_image_pixels: int = 40_000_000
-    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    client_timeout: int = DEFAULT_CLIENT_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     load_in_background: bool = False
 
     def __post_init__(self) -> None:
         checks = [
             (not self.models, "no models to serve"),
-            (self.workers < 1, f"--workers must be at least 1, got {self.workers}"),
             (self.threads < 1, f"--threads must be at least 1, got {self.threads}"),
             (
                 self.max_batch_size is not None and self.max_batch_size < 1,
@@ -95,8 +98,12 @@ class ServeConfig:
             ),
             (self.max_queue < 1, f"--max-queue must be at least 1, got {self.max_queue}"),
             (
-                not 0.001 <= self.client_timeout <= 86400,
-                f"--client-timeout must be between 0.001 and 86400 seconds, got {self.client_timeout}",
+                not 1 <= self.client_timeout <= 86400,
+                f"--client-timeout must be between 1 and 86400 seconds, got {self.client_timeout}",
+            ),
+            (
+                not 1 <= self.max_connections <= 100_000,
+                f"--max-connections must be between 1 and 100000, got {self.max_connections}",
             ),
             (self.request_timeout <= 0, f"--request-timeout must be positive, got {self.request_timeout}"),
             (self.max_body_mb <= 0, f"--max-body-mb must be positive, got {self.max_body_mb}"),

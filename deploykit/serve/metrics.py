@@ -1,13 +1,7 @@
-"""Prometheus metrics of one app: a per-app registry, or multiprocess mode under several gunicorn workers.
-
-With ``PROMETHEUS_MULTIPROC_DIR`` set (the runner sets it to a temporary folder when ``--workers`` > 1,
-before any worker imports prometheus_client), every worker writes its values to files there and
-``/metrics`` aggregates them.
-"""
+"""Prometheus metrics of one app, in a registry of its own (two apps in one process count apart)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -36,11 +30,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 #: cannot create series without bound.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
-__all__ = ["CONTENT_TYPE", "Metrics", "multiprocess_enabled"]
-
-
-def multiprocess_enabled() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+__all__ = ["CONTENT_TYPE", "Metrics"]
 
 
 class Metrics:
@@ -94,14 +84,12 @@ class Metrics:
             "deploykit_requests_in_flight",
             "Requests being handled.",
             registry=reg,
-            multiprocess_mode="livesum",
         )
         self.model_ready = Gauge(
             "deploykit_model_ready",
             "1 when the model is loaded and passed its self-test.",
             ["model"],
             registry=reg,
-            multiprocess_mode="livemax",
         )
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -131,11 +119,5 @@ class Metrics:
         self._child(self.inference_time, model).observe(seconds)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every series (of all workers in multiprocess mode)."""
-        if multiprocess_enabled():
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
+        """The Prometheus text exposition of every series."""
         return generate_latest(self.registry)

@@ -1,7 +1,7 @@
-"""The models of one server process: each loaded once, self-tested, with its batcher.
+"""The models of the server process: each loaded once, self-tested, with its batcher.
 
-Loading happens in the worker process (ONNX Runtime is not fork-safe), optionally in a background thread so
-that liveness answers while models load. Readiness is the conjunction of every model's state.
+Loading happens in a background thread when asked, so that liveness answers while models load. Readiness is
+the conjunction of every model's state, and false once the server is draining (SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,21 +11,27 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deploykit.card import ModelCard
 from deploykit.errors import DeployKitError
 from deploykit.runtime import Predictor, SessionOptions, create_session, provider_name
+from deploykit.serve.answers import ServeError
 from deploykit.serve.batching import Batcher
 from deploykit.serve.config import MAX_BATCH_ONE_AT_A_TIME, MAX_BATCH_SIDE_BY_SIDE, ModelSpec, ServeConfig
 from deploykit.serve.metrics import Metrics
 
+if TYPE_CHECKING:
+    from flask import Flask
+
 log = logging.getLogger("deploykit.serve")
+
+EXTENSION = "deploykit"  # the app's ``extensions`` key of its Registry
 
 
 @dataclass(frozen=True)
 class InferencePlan:
-    """How one worker runs a model: up to ``instances`` ONNX Runtime calls side by side, each on ``threads``
+    """How the server runs a model: up to ``instances`` ONNX Runtime calls side by side, each on ``threads``
     intra-op threads and of at most ``max_batch_size`` rows; a call that starts with nothing else running,
     queued or being decoded runs on ``solo_threads`` (a second session) instead. On 2 cores by default: a
     lone request gets both cores, concurrent requests get one core each, which keeps decoding and inference
@@ -73,14 +79,14 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 
 def inference_plan(config: ServeConfig, cores: int | None = None) -> InferencePlan:
-    """The worker's share of ``cores`` (default: :func:`usable_cores`) split as ``config`` asks.
+    """``cores`` (default: :func:`usable_cores`) split as ``config`` asks.
 
     ``--instances`` defaults to one per core on CPU (one elsewhere); ``--intra-op-threads`` fixes the threads
-    of every call (no solo session); by default a call alone takes all the worker's cores and calls side by
+    of every call (no solo session); by default a call alone takes all the cores and calls side by
     side take ``cores / instances`` each. ``--max-batch-size`` defaults to ``MAX_BATCH_SIDE_BY_SIDE`` when
     calls run side by side on CPU and to ``MAX_BATCH_ONE_AT_A_TIME`` otherwise.
     """
-    share = max(1, (cores or usable_cores()) // config.workers)
+    share = max(1, cores or usable_cores())
     on_cpu = all(provider_name(p) == "CPUExecutionProvider" for p in config.providers)
     instances = config.instances or (share if on_cpu else 1)
     batch = config.max_batch_size or (
@@ -187,6 +193,33 @@ class Registry:
     def get(self, name: str) -> ModelEntry | None:
         return self.entries.get(name)
 
+    def known(self, name: str) -> ModelEntry:
+        """The model named ``name``; 404 when there is none."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ServeError(
+                f"Unknown model {name!r}; this server has {', '.join(self.entries)}. See GET /models.",
+                status=404,
+            )
+        return entry
+
+    def wait_loaded(self) -> None:
+        """Wait (at most ``--request-timeout``) while the models are still loading at start-up: a request
+        that arrives then is answered once they are, rather than refused."""
+        if not self.loaded.is_set():
+            self.loaded.wait(self.config.request_timeout)
+
+    def ready_entry(self, name: str | None) -> ModelEntry:
+        """The named (or default) model, ready to run; 404 when unknown, 503 while it is not ready."""
+        entry = self.default if name is None else self.known(name)
+        self.wait_loaded()
+        if not entry.ready or entry.batcher is None or entry.predictor is None:
+            reason = entry.error or "it is still loading"
+            raise ServeError(
+                f"Model {entry.name!r} is not ready: {reason}", status=503, headers={"Retry-After": "5"}
+            )
+        return entry
+
     def load(self, background: bool = False) -> None:
         """Load every model (in a daemon thread when ``background``)."""
         if background:
@@ -273,7 +306,7 @@ def release_free_memory() -> None:
     """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     Building an ONNX Runtime session parses the whole model and frees most of it again, but glibc keeps
-    the freed pages: for resnet18 that is about 90 MB of resident memory per worker that ``malloc_trim``
+    the freed pages: for resnet18 that is about 90 MB of resident memory that ``malloc_trim``
     returns.
     """
     import ctypes
@@ -287,3 +320,9 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return
+
+
+def registry_of(app: Flask) -> Registry:
+    """The registry that ``create_app`` stored in ``app``."""
+    registry: Registry = app.extensions[EXTENSION]
+    return registry

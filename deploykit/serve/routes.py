@@ -1,9 +1,7 @@
 """The deploykit REST API: ``POST /predict``, ``POST /models/<name>/predict``, ``GET /models[/<name>]``.
 
-The two predict routes are hot routes (``HOT_ROUTES``), answered as plain WSGI in front of Flask (see app.py);
-their Flask rules have no view and only give other methods their 405 and CORS preflights their answer. Images
-are decoded and preprocessed in the request thread (images.py, the one implementation); the tensor goes
-through the model's batcher. Answers follow the contract in the brief.
+Images are decoded and preprocessed in the request thread (images.py, the one implementation); the tensor
+goes through the model's batcher. Answers follow the contract in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -15,40 +13,18 @@ import time
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from werkzeug.wrappers import Request
 
 from deploykit.card import Preprocess
 from deploykit.images import InvalidImageError, decode_image, preprocess
 from deploykit.runtime import top_k
-from deploykit.serve.app import Answer, HotRoute, hot_route, json_bytes, json_response, read_body, registry_of
-from deploykit.serve.batching import ServeError
-from deploykit.serve.multipart import parse_files
-from deploykit.serve.registry import ModelEntry, Registry
+from deploykit.serve.answers import ServeError, json_response, read_body
+from deploykit.serve.registry import registry_of
 
 bp = Blueprint("rest", __name__)
 
 DEFAULT_TOP_K = 5
-
-
-def ready_entry(registry: Registry, name: str | None) -> ModelEntry:
-    """The named (or default) model, ready to run; 404 when unknown, 503 while not ready."""
-    entry = registry.default if name is None else registry.get(name)
-    if entry is None:
-        raise ServeError(
-            f"Unknown model {name!r}; this server has {', '.join(registry.entries)}. See GET /models.",
-            status=404,
-        )
-    if not registry.loaded.is_set():
-        # a worker that is still loading (at start-up, or restarted by gunicorn): wait for it rather than
-        # refuse, since the other workers may already have answered the load balancer's readiness probe
-        registry.loaded.wait(registry.config.request_timeout)
-    if not entry.ready or entry.batcher is None or entry.predictor is None:
-        reason = entry.error or "it is still loading"
-        raise ServeError(
-            f"Model {entry.name!r} is not ready: {reason}", status=503, headers={"Retry-After": "5"}
-        )
-    return entry
 
 
 def _top_k_param(req: Request, num_classes: int) -> int:
@@ -92,15 +68,9 @@ def read_images(req: Request, max_images: int) -> list[tuple[str | None, bytes]]
     ``max_images``."""
     mimetype = req.mimetype
     if mimetype == "multipart/form-data":
-        # cached, so that Werkzeug's general parser can take over when the fast one declines
-        body = read_body(req, cache=True)
-        boundary = req.mimetype_params.get("boundary", "")
-        parts = parse_files(body, boundary, max_parts=req.max_form_parts)
-        if parts is not None:
-            files = [(part.filename, part.data) for part in parts]
-        else:
-            files = [(f.filename or None, f.read()) for _field, f in req.files.items(multi=True)]
+        files = [(f.filename or None, f.read()) for _field, f in req.files.items(multi=True)]
         if not files:
+            boundary = req.mimetype_params.get("boundary", "")
             if not boundary:
                 raise ServeError("The multipart Content-Type has no boundary; let the client library set it.")
             raise ServeError(
@@ -140,10 +110,14 @@ def _decoded(
         raise InvalidImageError(f"{which}: {exc.message}", unsupported=exc.unsupported) from None
 
 
-def predict_answer(req: Request, registry: Registry, name: str | None = None) -> Answer:
-    """``POST /predict`` (``name`` None: the default model) and ``POST /models/<name>/predict``: decode,
-    batch, run and answer top-k for every image of the request."""
-    entry = ready_entry(registry, name)
+@bp.post("/predict")
+@bp.post("/models/<name>/predict")
+def predict(name: str | None = None) -> Response:
+    """``POST /predict`` (the default model) and ``POST /models/<name>/predict``: decode, batch, run and
+    answer top-k for every image of the request."""
+    registry = registry_of(current_app)
+    req = request
+    entry = registry.ready_entry(name)
     start = time.perf_counter()
     predictor = entry.predictor
     batcher = entry.batcher
@@ -180,7 +154,7 @@ def predict_answer(req: Request, registry: Registry, name: str | None = None) ->
             }
         )
     end = time.perf_counter()
-    body = json_bytes(
+    return json_response(
         {
             "model": entry.name,
             "predictions": predictions,
@@ -192,13 +166,6 @@ def predict_answer(req: Request, registry: Registry, name: str | None = None) ->
             },
         }
     )
-    return Answer(body)
-
-
-HOT_ROUTES: list[HotRoute] = [
-    hot_route(bp, "/predict", "predict", predict_answer),
-    hot_route(bp, "/models/<name>/predict", "predict_model", predict_answer),
-]
 
 
 @bp.get("/models")
@@ -209,10 +176,4 @@ def models() -> Response:
 
 @bp.get("/models/<name>")
 def model(name: str) -> Response:
-    registry = registry_of(current_app)
-    entry = registry.get(name)
-    if entry is None:
-        raise ServeError(
-            f"Unknown model {name!r}; this server has {', '.join(registry.entries)}.", status=404
-        )
-    return json_response(entry.describe())
+    return json_response(registry_of(current_app).known(name).describe())

@@ -325,8 +325,9 @@ def test_page_works_when_the_app_is_mounted_under_a_sub_path(page: Page, shapes_
     from werkzeug.middleware.dispatcher import DispatcherMiddleware
     from werkzeug.serving import make_server
 
-    from deploykit.serve.app import create_app, registry_of
+    from deploykit.serve.app import create_app
     from deploykit.serve.config import ModelSpec, ServeConfig
+    from deploykit.serve.registry import registry_of
 
     app = create_app(ServeConfig(models=(ModelSpec("shapes", shapes_onnx),)))
     mounted = DispatcherMiddleware(NotFound(), {"/tools/deploykit": app})

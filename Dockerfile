@@ -2,7 +2,7 @@
 #   docker build -t deploykit .
 #   docker run --rm -p 8080:8080 -v "$PWD/models:/models:ro" deploykit
 # serves every *.onnx in /models (named after the file) on 0.0.0.0:8080. Extra `docker run` arguments replace
-# the default CMD, e.g. `docker run ... deploykit /models --workers 2`. For an image with the model inside,
+# the default CMD, e.g. `docker run ... deploykit /models --threads 16`. For an image with the model inside,
 # use `deploykit package MODEL.onnx --format docker --output DIR`, which writes a build context from this recipe.
 FROM python:3.11-slim
 

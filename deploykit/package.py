@@ -345,13 +345,14 @@ def _write_docker_context(root: Path, onnx_path: Path, name: str, values: dict[s
 def core_pyproject(package_dir: Path) -> str:
     """A minimal ``pyproject.toml`` that installs this deploykit with its core dependencies only.
 
-    Dependencies come from the installed distribution's metadata, without any extra (so never torch);
-    package data globs are derived from the non-Python files found under ``package_dir``.
+    Dependencies come from the installed distribution's metadata, without any extra (so never torch), each
+    pinned to the version installed here: the image runs what this deploykit was run and tested with.
+    Package data globs are derived from the non-Python files found under ``package_dir``.
     """
     try:
         dist = metadata.distribution("deploykit")
         # Keep requirements without an environment marker naming an extra ('torch>=2.6; extra == "torch"').
-        requires = [r for r in dist.requires or [] if "extra" not in r.partition(";")[2]]
+        requires = [_pinned(r) for r in dist.requires or [] if "extra" not in r.partition(";")[2]]
         python = str(dist.metadata.json.get("requires_python", ">=3.10"))
     except metadata.PackageNotFoundError:  # running from a source tree that was never installed
         requires, python = [], ">=3.10"
@@ -369,6 +370,17 @@ def core_pyproject(package_dir: Path) -> str:
         '[tool.setuptools.packages.find]\ninclude = ["deploykit*"]\n\n'
         f"[tool.setuptools.package-data]\ndeploykit = {json.dumps(data_globs)}\n"
     )
+
+
+def _pinned(requirement: str) -> str:
+    """``requirement`` as ``name==version`` of the installed distribution (unchanged when not installed)."""
+    name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement.strip())
+    if name is None:
+        return requirement
+    try:
+        return f"{name.group(0)}=={metadata.version(name.group(0))}"
+    except metadata.PackageNotFoundError:
+        return requirement
 
 
 def _render(target: Path, template: str, values: dict[str, Any]) -> None:

@@ -412,6 +412,11 @@ def test_docker_build_context(shapes_onnx: Path, tmp_path: Path) -> None:
     assert deps
     assert not [d for d in deps if "torch" in d or "extra" in d]
     assert "optional-dependencies" not in project["project"]
+    # each pinned to the version this deploykit runs with here
+    from importlib import metadata
+
+    assert f"waitress=={metadata.version('waitress')}" in deps
+    assert all("==" in d for d in deps), deps
 
     # What `pip install <context>` does in the image, minus downloading dependencies: build the wheel.
     wheels = tmp_path / "wheels"

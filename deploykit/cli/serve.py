@@ -13,7 +13,8 @@ def serve(
     models: list[str] | None = typer.Argument(
         None,
         metavar="MODEL",
-        help=".onnx file, folder of them, or name=path (default: the .onnx files in the current folder).",
+        help=".onnx file, folder of them, model repository (<name>/<version>/model.onnx) or name=path "
+        "(default: the .onnx files in the current folder).",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server."),
     port: int = typer.Option(5000, "--port", help="Port to listen on."),

@@ -32,13 +32,14 @@ DEFAULT_MAX_CONNECTIONS = 1000
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model to serve: the URL name and the ONNX file."""
+    """One model to serve: the URL name, the ONNX file and its version (a plain file is version 1)."""
 
     name: str
     path: Path
+    version: str = "1"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path)}
+        return {"name": self.name, "version": self.version, "path": str(self.path)}
 
     def __str__(self) -> str:
         return f"{self.name}={self.path}"
@@ -130,8 +131,8 @@ class ServeConfig:
         for failed, message in checks:
             if failed:
                 raise UsageError(message + ".")
-        names = [m.name for m in self.models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        names = [(m.name, m.version) for m in self.models]
+        duplicates = sorted({n for n, v in names if names.count((n, v)) > 1})
         if duplicates:
             raise UsageError(
                 f"Two models are named {', '.join(duplicates)}.",
@@ -168,7 +169,8 @@ def _check_name(name: str, spec: str) -> str:
 def parse_model_specs(specs: Sequence[str], *, cwd: str | Path | None = None) -> tuple[ModelSpec, ...]:
     """Turn MODEL arguments into named ONNX files.
 
-    Each spec is an ``.onnx`` file, a folder (every ``*.onnx`` in it), or ``name=path`` to rename a file.
+    Each spec is an ``.onnx`` file, a folder (every ``*.onnx`` in it, or else a model repository as Triton
+    and KServe load it: ``<name>/<version>/model.onnx``, every version), or ``name=path`` to rename a file.
     With no spec, every ``*.onnx`` file in ``cwd`` is served. Raises ``ModelNotFoundError`` when a file is
     missing or nothing is found.
     """
@@ -195,13 +197,34 @@ def parse_model_specs(specs: Sequence[str], *, cwd: str | Path | None = None) ->
             if name is not None:
                 raise UsageError(f"{spec!r}: name=path needs a file, {raw!r} is a folder.")
             found = sorted(path.glob("*.onnx"))
-            if not found:
+            if found:
+                result.extend(ModelSpec(_check_name(p.stem, p.name), p.resolve()) for p in found)
+                continue
+            repository = _repository(path)
+            if not repository:
                 raise ModelNotFoundError(
-                    f"No .onnx files in folder {raw!r}.", hint="Export one with `deploykit export`."
+                    f"No .onnx files in folder {raw!r}, and no model repository in it "
+                    "(<name>/<version>/model.onnx).",
+                    hint="Export one with `deploykit export`; `deploykit package` writes a repository.",
                 )
-            result.extend(ModelSpec(_check_name(p.stem, p.name), p.resolve()) for p in found)
+            result.extend(repository)
             continue
         if not path.is_file():
             raise ModelNotFoundError(f"Model file {raw!r} does not exist.", hint="Check the path.")
         result.append(ModelSpec(name or _check_name(path.stem, raw), path.resolve()))
     return tuple(result)
+
+
+def _repository(folder: Path) -> list[ModelSpec]:
+    """The models of a model repository (``<name>/<version>/model.onnx``, versions as whole numbers, with or
+    without a ``config.pbtxt``), by name, each version in numeric order; empty when there are none."""
+    specs = []
+    for model_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        versions = sorted(
+            (v for v in model_dir.iterdir() if v.name.isdigit() and (v / "model.onnx").is_file()),
+            key=lambda v: int(v.name),
+        )
+        for version in versions:
+            name = _check_name(model_dir.name, str(model_dir))
+            specs.append(ModelSpec(name, (version / "model.onnx").resolve(), version.name))
+    return specs

@@ -128,6 +128,8 @@ class ModelEntry:
 
     spec: ModelSpec
     default: bool
+    #: the highest version of its name, which the routes without a version serve
+    latest: bool = True
     predictor: Predictor | None = None
     solo: Predictor | None = None
     plan: InferencePlan | None = None
@@ -142,6 +144,15 @@ class ModelEntry:
         return self.spec.name
 
     @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def label(self) -> str:
+        """The model's name in metrics and logs: ``name``, or ``name:version`` for an older version."""
+        return self.name if self.latest else f"{self.name}:{self.version}"
+
+    @property
     def card(self) -> ModelCard | None:
         return self.predictor.card if self.predictor is not None else None
 
@@ -149,6 +160,7 @@ class ModelEntry:
         card = self.card
         data: dict[str, Any] = {
             "name": self.name,
+            "version": self.version,
             "default": self.default,
             "ready": self.ready,
             "card": card.to_dict() if card is not None else None,
@@ -161,12 +173,26 @@ class ModelEntry:
 
 
 class Registry:
-    """All models of the server, by name, in the order given (the first is the default)."""
+    """All models of the server, by name, in the order given (the first is the default), each with its
+    versions (a model repository's ``<name>/<version>/model.onnx``; a plain file is version 1)."""
 
     def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.entries = {spec.name: ModelEntry(spec, i == 0) for i, spec in enumerate(config.models)}
+        self.versions: dict[str, dict[str, ModelEntry]] = {}
+        for spec in config.models:
+            self.versions.setdefault(spec.name, {})[spec.version] = ModelEntry(spec, not self.versions)
+        for versions in self.versions.values():
+            newest = max(versions, key=version_key)
+            for version, entry in versions.items():
+                entry.latest = version == newest
+                entry.default = entry.default and entry.latest
+        #: the entry the routes without a version serve, by name
+        self.entries = {
+            name: next(e for e in versions.values() if e.latest) for name, versions in self.versions.items()
+        }
+        next(iter(self.entries.values())).default = True
+        self.all = [entry for versions in self.versions.values() for entry in versions.values()]
         self.plan = inference_plan(config)
         self.draining = False
         self.loaded = threading.Event()
@@ -178,14 +204,14 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        return self.loaded.is_set() and not self.draining and all(e.ready for e in self.entries.values())
+        return self.loaded.is_set() and not self.draining and all(e.ready for e in self.all)
 
     def not_ready_reason(self) -> str:
         if self.draining:
             return "The server is shutting down."
-        for entry in self.entries.values():
+        for entry in self.all:
             if entry.error:
-                return f"Model {entry.name!r} is not ready: {entry.error}"
+                return f"Model {entry.label!r} is not ready: {entry.error}"
         if not self.loaded.is_set():
             return "The models are still loading."
         return "The server is not ready."
@@ -203,20 +229,32 @@ class Registry:
             )
         return entry
 
+    def version_of(self, name: str, version: str | None) -> ModelEntry:
+        """The model ``name`` at ``version`` (None: its highest); 404 for an unknown model or version."""
+        entry = self.known(name)
+        if version is None or version == entry.version:
+            return entry
+        found = self.versions[name].get(version)
+        if found is None:
+            have = ", ".join(sorted(self.versions[name], key=version_key))
+            raise ServeError(f"Model {name!r} has no version {version!r}; it has {have}.", status=404)
+        return found
+
     def wait_loaded(self) -> None:
         """Wait (at most ``--request-timeout``) while the models are still loading at start-up: a request
         that arrives then is answered once they are, rather than refused."""
         if not self.loaded.is_set():
             self.loaded.wait(self.config.request_timeout)
 
-    def ready_entry(self, name: str | None) -> ModelEntry:
-        """The named (or default) model, ready to run; 404 when unknown, 503 while it is not ready."""
-        entry = self.default if name is None else self.known(name)
+    def ready_entry(self, name: str | None, version: str | None = None) -> ModelEntry:
+        """The named (or default) model at ``version`` (None: its highest), ready to run; 404 when unknown,
+        503 while it is not ready."""
+        entry = self.default if name is None else self.version_of(name, version)
         self.wait_loaded()
         if not entry.ready or entry.batcher is None or entry.predictor is None:
             reason = entry.error or "it is still loading"
             raise ServeError(
-                f"Model {entry.name!r} is not ready: {reason}", status=503, headers={"Retry-After": "5"}
+                f"Model {entry.label!r} is not ready: {reason}", status=503, headers={"Retry-After": "5"}
             )
         return entry
 
@@ -230,24 +268,24 @@ class Registry:
 
     def _load_all(self) -> None:
         try:
-            for entry in self.entries.values():
+            for entry in self.all:
                 self._load(entry)
         finally:
             release_free_memory()
             self.loaded.set()
         if self.ready:
-            log.info("ready: %s", ", ".join(self.entries))
+            log.info("ready: %s", ", ".join(e.label for e in self.all))
 
     def _load(self, entry: ModelEntry) -> None:
         config = self.config
         plan = self.plan
         path = entry.spec.path
-        self.metrics.model_ready.labels(entry.name).set(0)  # a series from the start: alerts see a failure
+        self.metrics.model_ready.labels(entry.label).set(0)  # a series from the start: alerts see a failure
         try:
             predictor, solo = open_predictors(path, config, plan, name=entry.name)
         except DeployKitError as exc:
             entry.error = str(exc)
-            log.error("model %r failed to load: %s", entry.name, exc)
+            log.error("model %r failed to load: %s", entry.label, exc)
             return
         entry.predictor = predictor
         entry.solo = solo
@@ -265,10 +303,10 @@ class Registry:
                         "from the exporter's; check the model with `deploykit verify`, or start with "
                         "--no-self-test)"
                     )
-                    log.error("model %r is not ready: %s", entry.name, entry.error)
+                    log.error("model %r is not ready: %s", entry.label, entry.error)
                     return
         metrics = self.metrics
-        name = entry.name
+        name = entry.label
         entry.batcher = Batcher(
             predictor.run,
             name=name,
@@ -297,7 +335,7 @@ class Registry:
 
     def close(self) -> None:
         """Stop the batchers after their queued requests are done."""
-        for entry in self.entries.values():
+        for entry in self.all:
             if entry.batcher is not None:
                 entry.batcher.close()
 
@@ -320,6 +358,11 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return
+
+
+def version_key(version: str) -> tuple[int, str]:
+    """Versions sort as numbers (Triton's are integers), any other text after them."""
+    return (int(version), "") if version.isdigit() else (2**63, version)
 
 
 def registry_of(app: Flask) -> Registry:

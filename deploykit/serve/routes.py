@@ -139,7 +139,7 @@ def predict(name: str | None = None) -> Response:
         batch = tensors[0][None] if len(tensors) == 1 else np.stack(tensors)
         decoded = time.perf_counter()
         result = batcher.submit(batch, config.request_timeout, ticket)
-    registry.metrics.observe_queue(entry.name, result.queue_s)
+    registry.metrics.observe_queue(entry.label, result.queue_s)
     probabilities = predictor.to_probabilities(result.outputs[0])
     predictions = []
     for (filename, _data), row in zip(uploads, top_k(probabilities, k, card.labels), strict=True):

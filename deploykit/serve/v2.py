@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe V2) REST views, with Triton's binary tensor data and classification
 extensions, so that tritonclient and KServe clients work unchanged. The tensor codec is v2codec.py.
 
-Model names are the deploykit model names; each model has one version, ``"1"``.
+Model names are the deploykit model names. A model file is version ``"1"``; a model repository
+(``<name>/<version>/model.onnx``) serves every version, the highest where a route names none.
 """
 
 from __future__ import annotations
@@ -14,22 +15,13 @@ from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec
 from deploykit.runtime import provider_name
 from deploykit.serve.answers import ServeError, error_response, json_response, read_body
-from deploykit.serve.registry import ModelEntry, Registry, registry_of
-from deploykit.serve.v2codec import VERSION, datatype_of, decode_request, encode_answer, shape_of
+from deploykit.serve.registry import ModelEntry, Registry, registry_of, version_key
+from deploykit.serve.v2codec import datatype_of, decode_request, encode_answer, shape_of
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "onnxruntime_onnx"
-
-
-def _entry(registry: Registry, name: str, version: str | None) -> ModelEntry:
-    entry = registry.known(name)
-    if version is not None and version != VERSION:
-        raise ServeError(
-            f"Model {name!r} has no version {version!r}; the only version is {VERSION!r}.", status=404
-        )
-    return entry
 
 
 def _card(registry: Registry, entry: ModelEntry) -> ModelCard:
@@ -67,7 +59,7 @@ def ready() -> Response:
 @bp.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None) -> Response:
     registry = registry_of(current_app)
-    entry = _entry(registry, name, version)
+    entry = registry.version_of(name, version)
     card = _card(registry, entry)
     tensors = lambda specs: [  # noqa: E731
         {"name": t.name, "datatype": datatype_of(t.dtype), "shape": shape_of(t)} for t in specs
@@ -75,7 +67,7 @@ def model_metadata(name: str, version: str | None = None) -> Response:
     return json_response(
         {
             "name": entry.name,
-            "versions": [VERSION],
+            "versions": sorted(registry.versions[entry.name], key=version_key),
             "platform": PLATFORM,
             "inputs": tensors(card.inputs),
             "outputs": tensors(card.outputs),
@@ -87,7 +79,7 @@ def model_metadata(name: str, version: str | None = None) -> Response:
 @bp.get("/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None) -> Response:
     registry = registry_of(current_app)
-    entry = _entry(registry, name, version)
+    entry = registry.version_of(name, version)
     if entry.ready and not registry.draining:
         return json_response({"name": entry.name, "ready": True})
     reason = entry.error or ("the server is shutting down" if registry.draining else "it is still loading")
@@ -99,7 +91,7 @@ def model_ready(name: str, version: str | None = None) -> Response:
 def model_config(name: str, version: str | None = None) -> Response:
     """Triton's model configuration, for clients that ask for it (batch dimension left out of dims)."""
     registry = registry_of(current_app)
-    entry = _entry(registry, name, version)
+    entry = registry.version_of(name, version)
     card = _card(registry, entry)
     dynamic = card.dynamic_batch
     config = registry.config
@@ -140,7 +132,7 @@ def model_config(name: str, version: str | None = None) -> Response:
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
     registry = registry_of(current_app)
-    entry = registry.ready_entry(_entry(registry, name, version).name)
+    entry = registry.ready_entry(name, version)
     predictor = entry.predictor
     batcher = entry.batcher
     assert predictor is not None
@@ -149,7 +141,7 @@ def infer(name: str, version: str | None = None) -> Response:
     with batcher.incoming() as ticket:
         decoded = decode_request(request, read_body(request), card, registry.config.max_request_images)
         result = batcher.submit(decoded.array, registry.config.request_timeout, ticket)
-    registry.metrics.observe_queue(entry.name, result.queue_s)
+    registry.metrics.observe_queue(entry.label, result.queue_s)
     outputs = dict(zip(predictor.output_names, result.outputs, strict=True))
-    answer = encode_answer(entry.name, decoded, outputs, card)
+    answer = encode_answer(entry.name, entry.version, decoded, outputs, card)
     return Response(answer.body, headers=answer.headers, content_type=answer.content_type)

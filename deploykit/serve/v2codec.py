@@ -23,7 +23,6 @@ from deploykit.card import ModelCard, TensorSpec
 from deploykit.datatypes import NUMPY_BY_V2
 from deploykit.serve.answers import ServeError, json_bytes, short
 
-VERSION = "1"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 DATATYPES: dict[str, np.dtype[Any]] = {v2: np.dtype(name) for v2, name in NUMPY_BY_V2.items()}
@@ -253,7 +252,7 @@ def _bytes_payload(array: np.ndarray) -> bytes:
 
 
 def encode_answer(
-    model: str, request: InferRequest, outputs: dict[str, np.ndarray], card: ModelCard
+    model: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray], card: ModelCard
 ) -> Encoded:
     """The answer to ``request`` with the model's ``outputs`` (by name)."""
     header = request.header
@@ -279,7 +278,7 @@ def encode_answer(
         else:
             item["data"] = array.reshape(-1).tolist()
         described.append(item)
-    body: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": described}
+    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": described}
     if "id" in header:
         body["id"] = header["id"]
     text = json_bytes(body)

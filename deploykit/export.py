@@ -18,7 +18,7 @@ import numpy as np
 from deploykit import __version__
 from deploykit.card import ModelCard, Preprocess, TensorSpec, write_card
 from deploykit.compare import effective_atol
-from deploykit.errors import ExportError, UsageError, VerificationError
+from deploykit.errors import ExportError, UsageError, VerificationError, one_line
 from deploykit.files import atomic_path, check_writable
 from deploykit.fingerprint import fingerprint_input, make_fingerprint
 from deploykit.sources import DEFAULT_SEED, LoadedModel, resolve_source
@@ -190,7 +190,7 @@ def export_model(
             reference = loaded.module(example)
     except Exception as exc:  # the user's model code: any error type, usually a shape mismatch
         raise ExportError(
-            f"The model failed on an input of shape {tuple(example.shape)}: {_short(exc)}",
+            f"The model failed on an input of shape {tuple(example.shape)}: {one_line(exc, with_type=True)}.",
             hint="Pass --input-size (and --resize) matching the size the model expects; --debug shows where.",
         ) from exc
     reference = _first_tensor(reference)
@@ -373,9 +373,9 @@ def _export(loaded: LoadedModel, example: torch.Tensor, *, opset: int, exporter:
             proto = _export_dynamo(module, example, opset=opset, dynamic=dynamic, notes=notes)
         except Exception as exc:  # the dynamo exporter raises many unrelated types on unsupported models
             if exporter == "dynamo":
-                raise ExportError(f"The dynamo exporter failed: {_short(exc)}",
+                raise ExportError(f"The dynamo exporter failed: {one_line(exc, with_type=True)}.",
                                   hint="Try --exporter torchscript.") from exc
-            fallback_reason = _short(exc)
+            fallback_reason = one_line(exc, with_type=True)
         else:
             # The dynamo exporter builds at its own opset and converts down; when that conversion fails it
             # keeps its own opset with only a warning, so check what it produced.
@@ -392,13 +392,8 @@ def _export(loaded: LoadedModel, example: torch.Tensor, *, opset: int, exporter:
         return proto, "torchscript", fallback_reason, notes
     except Exception as exc:  # torch.onnx.errors.* and RuntimeErrors from tracing
         before = f" (the dynamo exporter failed first: {fallback_reason})" if fallback_reason else ""
-        raise ExportError(f"ONNX export failed: {_short(exc)}{before}",
+        raise ExportError(f"ONNX export failed: {one_line(exc, with_type=True)}{before}.",
                           hint="Try another --opset, or simplify the model's forward().") from exc
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:240]}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -463,7 +458,7 @@ def _check(proto: Any, module: Any, pp: Preprocess, batches: tuple[int, ...], *,
     try:
         onnx.checker.check_model(proto, full_check=not external)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"The exported graph is invalid: {_short(exc)}") from exc
+        raise ExportError(f"The exported graph is invalid: {one_line(exc, with_type=True)}.") from exc
     if external:
         return ParityCheck(batches, float("nan"), float("nan"), atol, rtol, True)
     session = create_session(proto.SerializeToString())
@@ -477,7 +472,7 @@ def _check(proto: Any, module: Any, pp: Preprocess, batches: tuple[int, ...], *,
             actual = session.run(None, {input_name: x})[0]
         except Exception as exc:  # onnxruntime's own error types
             raise ExportError(f"ONNX Runtime failed to run the exported model at batch {batch}: "
-                              f"{_short(exc)}") from exc
+                              f"{one_line(exc, with_type=True)}.") from exc
         if actual.shape != expected.shape:
             raise ExportError(f"At batch {batch} ONNX Runtime returned shape {actual.shape}, PyTorch "
                               f"{expected.shape}.")

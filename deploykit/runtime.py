@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploykit.card import ModelCard, card_from_metadata
-from deploykit.errors import ModelFileError, UsageError
+from deploykit.errors import ModelFileError, UsageError, one_line
 
 if TYPE_CHECKING:
     # NumPy is imported where it is used: `deploykit predict` against a server needs only Prediction.
@@ -113,9 +113,8 @@ def create_session(model: str | Path | bytes, options: SessionOptions | None = N
     except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph/InvalidProtobuf errors
         if type(exc).__module__.startswith("onnxruntime"):
             label = str(model) if isinstance(model, (str, Path)) else "the model"
-            first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ModelFileError(
-                f"ONNX Runtime cannot load {label!r}: {first_line}",
+                f"ONNX Runtime cannot load {label!r}: {one_line(exc)}.",
                 hint="The file may be corrupt or use operators this onnxruntime does not support.",
             ) from exc
         raise

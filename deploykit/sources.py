@@ -26,6 +26,7 @@ from deploykit.errors import (
     ModelNotFoundError,
     UsageError,
     WeightsUnavailableError,
+    one_line,
     require,
 )
 from deploykit.files import sha256_file
@@ -219,8 +220,7 @@ def _fetch_weights(weights: Any, name: str) -> dict[str, Any]:
             return dict(weights.get_state_dict(progress=False, check_hash=True))
         except Exception as exc:  # torch.load raises RuntimeError, UnpicklingError, EOFError... on a bad file
             raise WeightsUnavailableError(
-                f"The cached weights file {str(cache)!r} cannot be read ({type(exc).__name__}: "
-                f"{_first_line(exc)}).",
+                f"The cached weights file {str(cache)!r} cannot be read ({one_line(exc, with_type=True)}).",
                 hint="Delete it to download it again, or use --weights none or --weights PATH.",
             ) from exc
     previous = socket.getdefaulttimeout()
@@ -232,7 +232,7 @@ def _fetch_weights(weights: Any, name: str) -> dict[str, Any]:
     except (OSError, RuntimeError) as exc:  # URLError/timeouts are OSErrors; a bad hash is a RuntimeError
         if isinstance(exc, RuntimeError) and "hash" not in str(exc).lower():
             raise
-        reason = "the download did not match its hash" if isinstance(exc, RuntimeError) else _first_line(exc)
+        reason = "the download did not match its hash" if isinstance(exc, RuntimeError) else one_line(exc)
         raise WeightsUnavailableError(
             f"Pretrained weights {name}.{weights.name} are not cached and could not be downloaded "
             f"({reason}).",
@@ -251,7 +251,7 @@ def _load_state_dict(path: Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zip errors...
         raise UsageError(
-            f"{str(path)!r} is not a readable state dict ({type(exc).__name__}: {_first_line(exc)}).",
+            f"{str(path)!r} is not a readable state dict ({one_line(exc, with_type=True)}).",
             hint="It may be truncated or corrupt, or a full pickled model (then pass it as MODEL with "
             "--trust-pickle).",
         ) from exc
@@ -269,17 +269,6 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
         if tensors:
             return {k.removeprefix("module."): v for k, v in tensors.items()}
     raise UsageError(f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors).")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first sentence of an exception's message, short enough for a one-line error."""
-    text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    line = text.splitlines()[0]
-    end = line.find(". ")
-    line = line[:end] if end > 0 else line.rstrip(".")
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _mismatch(module: Any, state: dict[str, Any], limit: int = 3) -> str:
@@ -339,7 +328,7 @@ def _from_file(path: Path, *, arch: str | None, trust_pickle: bool, seed: int) -
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as exc:
-            raise UsageError(f"{str(path)!r} is not a loadable TorchScript file: {_first_line(exc)}") from exc
+            raise UsageError(f"{str(path)!r} is not a loadable TorchScript file: {one_line(exc)}.") from exc
         module.eval()
         source = Source(kind="torchscript", path=str(path.resolve()), sha256=digest)
         return LoadedModel(module=module, name=name, source=source)
@@ -360,12 +349,12 @@ def _from_file(path: Path, *, arch: str | None, trust_pickle: bool, seed: int) -
                 obj = torch.load(path, map_location="cpu", weights_only=False)
             except (ImportError, AttributeError) as inner:  # the pickled classes are not importable here
                 raise UsageError(
-                    f"{str(path)!r} cannot be unpickled: {_first_line(inner)}.",
+                    f"{str(path)!r} cannot be unpickled: {one_line(inner)}.",
                     hint="The model's class must be importable (run from its project folder or install it).",
                 ) from inner
         else:
             raise UsageError(
-                f"{str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {_first_line(exc)}).",
+                f"{str(path)!r} is not a readable checkpoint ({one_line(exc, with_type=True)}).",
                 hint="It may be truncated or corrupt.",
             ) from exc
     if isinstance(obj, torch.nn.Module):
@@ -453,9 +442,7 @@ def _from_factory(spec: str, *, weights: str | None, seed: int,
     try:
         module = factory()
     except Exception as exc:  # the user's own code: any error type
-        text = str(exc).strip().splitlines()
-        detail = f": {text[0][:240]}" if text else ""
-        raise DeployKitError(f"Factory {spec!r} raised {type(exc).__name__}{detail}.",
+        raise DeployKitError(f"Factory {spec!r} raised {one_line(exc, with_type=True)}.",
                              hint="Fix the factory; --debug shows where it failed.") from exc
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"Factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module.")

@@ -30,7 +30,7 @@ import numpy as np
 
 from deploykit.card import ModelCard, Preprocess, TensorSpec, card_from_metadata, load_onnx
 from deploykit.compare import effective_atol, topk_agreement
-from deploykit.errors import ModelFileError, ModelNotFoundError, UsageError, VerificationError
+from deploykit.errors import ModelFileError, ModelNotFoundError, UsageError, VerificationError, one_line
 from deploykit.fingerprint import check_fingerprint, fingerprint_input
 
 if TYPE_CHECKING:
@@ -471,8 +471,7 @@ def _checker(proto: Any, path: Path) -> Check:
         else:
             onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        return Check("checker", "structural", "failed", f"onnx.checker: {first}")
+        return Check("checker", "structural", "failed", f"onnx.checker: {one_line(exc)}")
     return Check("checker", "structural", "passed", f"onnx.checker passed (opset "
                  f"{max((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), default=0)})")
 
@@ -530,12 +529,6 @@ def _shape_problems(kind: str, spec: TensorSpec, real: TensorSpec) -> list[str]:
     return problems
 
 
-def _short(exc: BaseException) -> str:
-    """An exception as one line (ONNX Runtime spreads the useful part over several)."""
-    text = " ".join(str(exc).split())
-    return (text[:297] + "...") if len(text) > 300 else text or type(exc).__name__
-
-
 class _OrtRunner:
     """One ONNX Runtime session; caches outputs per input so checks that share an input run it once."""
 
@@ -559,7 +552,7 @@ class _OrtRunner:
             except Exception as exc:  # onnxruntime's untyped Fail/InvalidArgument/RuntimeException
                 if not type(exc).__module__.startswith("onnxruntime"):
                     raise
-                self._cache[key] = _short(exc)
+                self._cache[key] = one_line(exc)
         return self._cache[key]
 
 
@@ -840,7 +833,7 @@ def _reference_run(ref: _Reference, x: np.ndarray) -> list[np.ndarray] | str:
     except VerificationError:
         raise
     except Exception as exc:  # torch raises RuntimeError/ValueError/TypeError from user code
-        return f"{type(exc).__name__}: {_short(exc)}"
+        return one_line(exc, with_type=True)
 
 
 def _chunked(run: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray, size: int) -> list[np.ndarray]:
@@ -884,8 +877,8 @@ def _images_checks(runners: list[_OrtRunner], ref: _Reference, card: ModelCard, 
         except Exception as exc:  # onnxruntime's own error types
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise
-            checks.append(Check(name, "parity", "failed", f"ONNX Runtime failed on the images: {_short(exc)}",
-                                r.provider, info))
+            checks.append(Check(name, "parity", "failed",
+                                f"ONNX Runtime failed on the images: {one_line(exc)}", r.provider, info))
             continue
         diffs = [_compare(n, a, e, atol=atol, rtol=rtol)
                  for n, a, e in _pair(r.output_names, actual, ref.names, expected)]
@@ -925,7 +918,7 @@ def _fingerprint_check(card: ModelCard, runner: _OrtRunner, *, required: bool, m
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
         return Check(name, "fingerprint", "failed", f"ONNX Runtime failed on the fingerprint input: "
-                     f"{_short(exc)}", runner.provider)
+                     f"{one_line(exc)}", runner.provider)
     fp = card.fingerprint
     info = {"kind": "fingerprint", "batch": fp.batch, "seed": fp.seed, "samples": len(fp.indices)}
     if result:

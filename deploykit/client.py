@@ -12,6 +12,7 @@ import json
 import math
 import random
 import struct
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
 DEFAULT_URL = "http://127.0.0.1:5000"
 RETRY_STATUSES = frozenset({429, 503})
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MESSAGE_LIMIT = 200  # characters of a server's error message shown
+TRACEBACK = "Traceback (most recent call last):"
+# Open Inference Protocol extensions a server lists in GET /v2 and the client uses when it does.
+BINARY_EXTENSION = "binary_tensor_data"
+CLASSIFICATION_EXTENSION = "classification"
 
 
 class ServerError(ConnectionFailedError):
@@ -53,6 +59,36 @@ class RestPrediction:
     top_k: tuple[Prediction, ...]
     filename: str | None = None
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class V2Plan:
+    """How a run talks to one model on an Open Inference Protocol server, settled once by
+    :meth:`PredictClient.v2_plan` from the server's metadata and the model card.
+
+    The input and output tensors (name, V2 datatype, shape with -1 for a free dimension) come from the model
+    metadata where it lists them, else from the card: ``tensors_from`` says which. ``binary`` sends the
+    input and asks for the output as binary tensor data; ``classification`` asks the server for the top
+    classes. ``extensions`` is what ``GET /v2`` listed, None when it answered no list.
+    """
+
+    model: str
+    input_name: str
+    input_datatype: str
+    input_shape: tuple[int, ...]
+    output_name: str
+    binary: bool
+    classification: bool
+    extensions: tuple[str, ...] | None
+    tensors_from: str
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size a static-batch model takes; None when the batch dimension is free."""
+        return self.input_shape[0] if self.input_shape and self.input_shape[0] > 0 else None
+
+    def lists(self, extension: str) -> bool:
+        return extension in (self.extensions or ())
 
 
 def normalize_url(url: str) -> str:
@@ -84,7 +120,9 @@ def _invalid_url(url: str, reason: str) -> UsageError:
 
 
 def _reason(exc: BaseException) -> str:
-    """A short human reason for a requests connection error, from the innermost cause."""
+    """A short human reason for a requests connection error, from the innermost cause; else its one line."""
+    from deploykit.errors import one_line
+
     text = str(exc)
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return "connection timed out"
@@ -94,19 +132,44 @@ def _reason(exc: BaseException) -> str:
         return "host name not found"
     if "RemoteDisconnected" in text or "Connection aborted" in text:
         return "the server closed the connection"
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return one_line(exc)
 
 
 def _error_message(response: requests.Response) -> str:
-    """The server's ``{"error": ...}`` message, else the first line of the body, else the HTTP reason."""
+    """The server's message on one line, at most ``MESSAGE_LIMIT`` characters.
+
+    In order: ``{"error": ...}`` (deploykit, Triton, KServe, MLServer), FastAPI's ``{"detail": ...}`` (a
+    validation error's fields and messages), the exception line that ends a Python traceback (a server in
+    debug mode answers a crash with one), the first line of the body unless it is HTML, the HTTP reason.
+    """
     try:
         body = response.json()
     except ValueError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return str(body["error"])
-    text = response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
-    return text or response.reason or f"HTTP {response.status_code}"
+    message = ""
+    if isinstance(body, dict):
+        message = _detail_text(body.get("error")) or _detail_text(body.get("detail"))
+    if not message:
+        lines = [line for line in response.text.strip().splitlines() if line.strip()]
+        message = (lines[-1] if TRACEBACK in response.text else lines[0]) if lines else ""
+        if message.startswith("<"):  # an HTML page (a proxy's): its first line says nothing
+            message = ""
+    message = " ".join(message.split())
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT - 3].rstrip() + "..."
+    return message or response.reason or f"HTTP {response.status_code}"
+
+
+def _detail_text(value: Any) -> str:
+    """An error field as text: a string as it is, FastAPI's list of ``{"loc": [...], "msg": ...}`` as
+    ``loc: msg; ...``; anything else as nothing."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        items = [f"{'.'.join(map(str, item.get('loc') or ()))}: {item['msg']}".lstrip(": ")
+                 for item in value if isinstance(item, dict) and isinstance(item.get("msg"), str)]
+        return "; ".join(items)
+    return ""
 
 
 class PredictClient:
@@ -132,6 +195,9 @@ class PredictClient:
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
         self._v2_classification = True
+        self._v2_server: dict[str, Any] | None = None  # GET /v2, read once
+        self._v2_plans: dict[tuple[str, str, str, bool | None], V2Plan] = {}
+        self._v2_lock = threading.Lock()
         self._session = requests.Session()
         # Retries are ours (they honour Retry-After and cover 503/429), so urllib3's are off.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size), max_retries=0,
@@ -209,7 +275,8 @@ class PredictClient:
         status = response.status_code
         message = _error_message(response)
         if status >= 500:
-            return ServerError(f"The server answered HTTP {status}: {message.rstrip('.')}.", status=status,
+            text = message if message.endswith("...") else message.rstrip(".") + "."  # a cut one keeps "..."
+            return ServerError(f"The server answered HTTP {status}: {text}", status=status,
                                hint="Check the server's logs." if status != 503 else "The server is busy or "
                                "not ready; try again later or raise --retries.")
         error = RequestError(f"{message} (HTTP {status})", status=status)
@@ -286,40 +353,116 @@ class PredictClient:
         return True
 
     def v2_model_metadata(self, model: str) -> dict[str, Any]:
-        """``GET /v2/models/<model>``: inputs and outputs with names, shapes and datatypes."""
+        """``GET /v2/models/<model>``: inputs and outputs with names, shapes and datatypes (which some
+        servers, such as MLServer, leave empty)."""
         return dict(self.get_json(f"/v2/models/{quote(model, safe='')}"))
 
+    def v2_server_metadata(self) -> dict[str, Any]:
+        """``GET /v2``: the server's name, version and the protocol extensions it supports, read once per
+        client; ``{}`` when the server refuses the request (4xx) or answers something other than JSON.
+
+        Raises:
+            ConnectionFailedError: the server cannot be reached. ServerError: a 5xx answer.
+        """
+        with self._v2_lock:
+            if self._v2_server is None:
+                try:
+                    body = self.request("GET", "/v2").json()
+                except (RequestError, ValueError):  # no such route, or not JSON: no extensions known
+                    body = {}
+                self._v2_server = dict(body) if isinstance(body, dict) else {}
+            return self._v2_server
+
+    def v2_plan(self, model: str, card: ModelCard, *, binary: bool | None = None) -> V2Plan:
+        """Settle how to talk to ``model``: its tensors from ``GET /v2/models/<model>`` where it lists them,
+        else from ``card``; the extensions from ``GET /v2``.
+
+        Args:
+            model: the model's name on the server.
+            card: the model card, for the tensors the server's metadata does not list.
+            binary: send binary tensor data (True) or JSON (False); None: binary only when the server lists
+                ``binary_tensor_data``. Classification is asked for only when the server lists it.
+
+        Raises:
+            RequestError: the server refused the model metadata request (an unknown model).
+            UsageError: the server's input shape does not fit the card's preprocessing (the wrong card).
+        """
+        metadata = self.v2_model_metadata(model)
+        extensions = self.v2_server_metadata().get("extensions")
+        listed = tuple(str(e) for e in extensions) if isinstance(extensions, list) else None
+        given = _tensor_entry(metadata.get("inputs"), card.input.name)
+        wanted = _tensor_entry(metadata.get("outputs"), card.output.name)
+        input_name, datatype, shape = given or (card.input.name, "", ())
+        datatype = datatype or V2_BY_NUMPY.get(card.input.dtype) or V2_BY_NUMPY[card.preprocess.dtype]
+        shape = shape or tuple(d if isinstance(d, int) else -1 for d in card.input.shape)
+        tensors_from = {(True, True): "server", (False, False): "card"}.get(
+            (given is not None, wanted is not None), "server and card")
+        plan = V2Plan(model=model, input_name=input_name, input_datatype=datatype, input_shape=shape,
+                      output_name=wanted[0] if wanted is not None else card.output.name,
+                      binary=(BINARY_EXTENSION in (listed or ())) if binary is None else binary,
+                      classification=CLASSIFICATION_EXTENSION in (listed or ()), extensions=listed,
+                      tensors_from=tensors_from)
+        expected = card.preprocess.input_shape(1)[1:]
+        served = plan.input_shape[1:]
+        if given is not None and len(served) == len(expected) and any(
+                s > 0 and s != e for s, e in zip(served, expected, strict=True)):
+            raise UsageError(
+                f"Model {model!r} at {self.url} takes {input_name!r} of shape {list(plan.input_shape)}, but "
+                f"the card's preprocessing makes {[-1, *expected]}.",
+                hint="Pass the ONNX file that the server serves with --card.")
+        return plan
+
+    def _plan_for(self, model: str, card: ModelCard, binary: bool | None) -> V2Plan:
+        key = (model, card.input.name, card.output.name, binary)
+        plan = self._v2_plans.get(key)
+        if plan is None:
+            plan = self._v2_plans.setdefault(key, self.v2_plan(model, card, binary=binary))
+        return plan
+
+    def _v2_infer(self, plan: V2Plan, array: np.ndarray, datatype: str, classes: int) -> requests.Response:
+        body, headers = _v2_request(array, datatype, plan, classes=classes)
+        try:
+            return self.request("POST", f"/v2/models/{quote(plan.model, safe='')}/infer", data=body,
+                                headers=headers)
+        except (RequestError, ServerError) as exc:
+            if plan.binary and not plan.lists(BINARY_EXTENSION) and exc.status in (400, 415, 422, 500):
+                listed = ", ".join(plan.extensions) if plan.extensions else "none"
+                exc.hint = (f"The tensor went as binary data (--binary), an extension that this server does "
+                            f"not list in GET /v2 (it lists: {listed}); pass --no-binary to send JSON.")
+            raise
+
     def predict_tensor_v2(self, tensor: np.ndarray, *, card: ModelCard, model: str | None = None,
-                          top_k: int = 5, binary: bool = True) -> list[tuple[Prediction, ...]]:
+                          top_k: int = 5, binary: bool | None = None, plan: V2Plan | None = None
+                          ) -> list[tuple[Prediction, ...]]:
         """Run one input batch on a V2 server and return top-k classes per row.
 
-        The tensor goes as binary data (``Inference-Header-Content-Length``) unless ``binary`` is False. The
-        classification extension is asked for all classes, so that probabilities can be computed exactly from
-        the model's output values; servers without it get a plain request and top-k is computed here.
+        ``plan`` (from :meth:`v2_plan`) names the tensors and says whether to send binary data and ask for
+        classification; without one, the plan for ``model`` (default: the card's name) and ``binary`` is
+        settled on first use and kept. The classification extension is asked for all classes, so that
+        probabilities are computed exactly from the model's output values; otherwise top-k is computed here,
+        with the card's labels. A server that lists classification but refuses it gets plain requests from
+        then on.
         """
         import numpy as np
 
-        name = model or card.name
-        path = f"/v2/models/{quote(name, safe='')}/infer"
+        plan = plan or self._plan_for(model or card.name, card, binary)
         array = np.ascontiguousarray(tensor)
+        if plan.input_datatype in NUMPY_BY_V2 and V2_BY_NUMPY.get(array.dtype.name) != plan.input_datatype:
+            array = array.astype(NUMPY_BY_V2[plan.input_datatype])  # what the server says the model takes
         datatype = V2_BY_NUMPY.get(array.dtype.name)
         if datatype is None:
             raise RequestError(f"Cannot send a {array.dtype.name} tensor over V2.", status=400)
-        want_classes = self._v2_classification
-        body, headers = _v2_request(array, datatype, card, top_k=card.num_classes or top_k,
-                                    classification=want_classes, binary=binary)
+        want_classes = plan.classification and self._v2_classification
         try:
-            response = self.request("POST", path, data=body, headers=headers)
+            response = self._v2_infer(plan, array, datatype, card.num_classes or top_k if want_classes else 0)
         except RequestError as exc:
             if not (want_classes and exc.status == 400 and "classification" in exc.message.lower()):
                 raise
-            # The server lacks the extension: ask for the raw output from now on.
+            # The server refuses the extension after all: ask for the raw output from now on.
             self._v2_classification = False
-            body, headers = _v2_request(array, datatype, card, top_k=top_k, classification=False,
-                                        binary=binary)
-            response = self.request("POST", path, data=body, headers=headers)
+            response = self._v2_infer(plan, array, datatype, 0)
         try:
-            values, labels = _v2_output(response, card.output.name, card.num_classes)
+            values, labels = _v2_output(response, plan.output_name, card.num_classes)
         except (ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
             raise ServerError(f"The V2 server at {self.url} sent an answer that cannot be parsed "
                               f"({type(exc).__name__}: {exc}).", status=response.status_code) from exc
@@ -327,18 +470,20 @@ class PredictClient:
                  for i in range(values.shape[1])]
         return _top_k_rows(values, names, card.output_kind, top_k)
 
-    def predict_image_v2(self, data: bytes, *, card: ModelCard, model: str | None = None,
-                         top_k: int = 5) -> tuple[Prediction, ...]:
-        """Decode and preprocess one encoded image as the card says, then classify it on a V2 server.
+    def predict_image_v2(self, data: bytes, *, card: ModelCard, model: str | None = None, top_k: int = 5,
+                         binary: bool | None = None, plan: V2Plan | None = None) -> tuple[Prediction, ...]:
+        """Decode and preprocess one encoded image as the card says, then classify it on a V2 server
+        (see :meth:`predict_tensor_v2`).
 
         Raises ``InvalidImageError`` when the bytes are not a readable image.
         """
         from deploykit.images import decode_image, preprocess
         from deploykit.runtime import pad_batch
 
+        plan = plan or self._plan_for(model or card.name, card, binary)
         # A static-batch model (Triton's max_batch_size 0) takes exactly its batch: pad it, keep row 0.
-        tensor = pad_batch(preprocess(decode_image(data), card.preprocess)[None], card.fixed_batch)
-        return self.predict_tensor_v2(tensor, card=card, model=model, top_k=top_k)[0]
+        tensor = pad_batch(preprocess(decode_image(data), card.preprocess)[None], plan.fixed_batch)
+        return self.predict_tensor_v2(tensor, card=card, top_k=top_k, plan=plan)[0]
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -356,13 +501,32 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _v2_request(array: np.ndarray, datatype: str, card: ModelCard, *, top_k: int, classification: bool,
-                binary: bool) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of a V2 inference request with one input and one requested output."""
-    entry: dict[str, Any] = {"name": card.input.name, "shape": list(array.shape), "datatype": datatype}
-    output: dict[str, Any] = {"name": card.output.name}
-    if classification:
-        output["parameters"] = {"classification": int(top_k)}
+def _tensor_entry(entries: Any, preferred: str) -> tuple[str, str, tuple[int, ...]] | None:
+    """(name, datatype, shape) of the metadata entry named ``preferred``, else of the first one; None when the
+    metadata lists none. A datatype NumPy cannot hold is returned as ``""``, a shape that is not a list of
+    integers as ``()``."""
+    if not isinstance(entries, list):
+        return None
+    named = [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"]]
+    if not named:
+        return None
+    entry = next((e for e in named if e["name"] == preferred), named[0])
+    datatype = str(entry.get("datatype", "")).upper()
+    shape = entry.get("shape")
+    valid = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    return (str(entry["name"]), datatype if datatype in NUMPY_BY_V2 else "",
+            tuple(shape) if valid and isinstance(shape, list) else ())
+
+
+def _v2_request(array: np.ndarray, datatype: str, plan: V2Plan, *, classes: int
+                ) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a V2 inference request with one input and one requested output; ``classes``
+    > 0 asks for that many classes with the classification extension."""
+    entry: dict[str, Any] = {"name": plan.input_name, "shape": list(array.shape), "datatype": datatype}
+    output: dict[str, Any] = {"name": plan.output_name}
+    binary = plan.binary
+    if classes > 0:
+        output["parameters"] = {"classification": int(classes)}
     elif binary:
         output["parameters"] = {"binary_data": True}
     if not binary:

@@ -29,7 +29,7 @@ from deploykit.errors import (
 
 if TYPE_CHECKING:
     from deploykit.card import ModelCard
-    from deploykit.client import PredictClient
+    from deploykit.client import PredictClient, V2Plan
     from deploykit.runtime import Prediction, Predictor
 
 # Four requests in flight: enough to overlap the client's I/O and JSON work with the server's inference and to
@@ -253,9 +253,9 @@ def _rest_predictor(client: PredictClient, model: str | None, top_k: int) -> Pre
     return run
 
 
-def _v2_predictor(client: PredictClient, card: ModelCard, model: str, top_k: int) -> Predict:
+def _v2_predictor(client: PredictClient, card: ModelCard, plan: V2Plan, top_k: int) -> Predict:
     def run(source: ImageSource) -> tuple[str, tuple[Prediction, ...]]:
-        return model, client.predict_image_v2(source.read(), card=card, model=model, top_k=top_k)
+        return plan.model, client.predict_image_v2(source.read(), card=card, plan=plan, top_k=top_k)
 
     return run
 
@@ -295,11 +295,21 @@ def _v2_card(client: PredictClient, model: str | None, card_file: str | Path | N
             raise
         if model is not None and _is_deploykit(client):
             raise  # a deploykit server that does not serve this model: its message says which it does
-        raise UsageError(
-            f"{client.url} did not give a model card ({exc.message}).",
-            hint="With --protocol v2 on a server other than deploykit, pass the model's ONNX file with "
-            "--card MODEL.onnx (and --model NAME).",
-        ) from exc
+        raise UsageError(f"{client.url} gives no model card (GET /models: HTTP {exc.status})"
+                         f"{_missing(client, model)}.",
+                         hint="With --protocol v2 on a server other than deploykit, pass the model's ONNX "
+                         "file with --card MODEL.onnx (and --model NAME).") from exc
+
+
+def _missing(client: PredictClient, model: str | None) -> str:
+    """What the server's V2 metadata cannot stand in for when there is no card (for the error message)."""
+    if model is None:
+        return ", and no --model names the model to ask the V2 metadata about"
+    metadata = client.v2_model_metadata(model)  # RequestError for an unknown model: that is the message then
+    if metadata.get("inputs") and metadata.get("outputs"):
+        return (f"; the V2 metadata of {model!r} names its tensors, but the preprocessing and labels are "
+                "only in the card")
+    return f", and the V2 metadata of {model!r} lists no input or output names, shapes or datatypes"
 
 
 def _is_deploykit(client: PredictClient) -> bool:
@@ -312,7 +322,8 @@ def _is_deploykit(client: PredictClient) -> bool:
 
 def check_options(*, protocol: str = "rest", url: str | None = None, model: str | None = None,
                   model_file: str | Path | None = None, card_file: str | Path | None = None, top_k: int = 5,
-                  concurrency: int = DEFAULT_CONCURRENCY, retries: int = 3, timeout: float = 30.0) -> None:
+                  concurrency: int = DEFAULT_CONCURRENCY, retries: int = 3, timeout: float = 30.0,
+                  binary: bool | None = None) -> None:
     """Raise ``UsageError`` for contradictory or out-of-range options of :func:`predict_images`."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
@@ -323,6 +334,9 @@ def check_options(*, protocol: str = "rest", url: str | None = None, model: str 
                          "model and its card come from the file.")
     if card_file is not None and protocol != "v2":
         raise UsageError("--card is only used with --protocol v2 (the REST API preprocesses on the server).")
+    if binary is not None and protocol != "v2":
+        raise UsageError(f"--{'' if binary else 'no-'}binary is only used with --protocol v2 (how tensors "
+                         "are sent to an Open Inference Protocol server).")
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}.")
     if concurrency < 1:
@@ -426,6 +440,7 @@ def predict_images(
     retries: int = 3,
     timeout: float = 30.0,
     api_key: str | None = None,
+    binary: bool | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
 ) -> PredictRun:
     """Classify images on a server or locally; results are in input order.
@@ -438,6 +453,8 @@ def predict_images(
         protocol: ``rest`` (deploykit's API, the server preprocesses) or ``v2`` (Open Inference Protocol; the
             client preprocesses following the card from the server or from ``card_file``).
         files_from: a file (or ``-`` for stdin) with one image path per line, predicted after ``inputs``.
+        binary: with ``v2``, send tensors as binary data (True) or JSON (False); None: binary when the
+            server lists the ``binary_tensor_data`` extension in ``GET /v2``, which is read once per run.
         top_k: classes per image. concurrency: requests in flight. retries/timeout/api_key: see PredictClient.
         on_result: called with each ``ImageResult`` in input order as soon as it is known (for streaming).
 
@@ -448,7 +465,7 @@ def predict_images(
         A failure of a single image (unreadable, not an image, rejected) is recorded in its result instead.
     """
     check_options(protocol=protocol, url=url, model=model, model_file=model_file, card_file=card_file,
-                   top_k=top_k, concurrency=concurrency, retries=retries, timeout=timeout)
+                  top_k=top_k, concurrency=concurrency, retries=retries, timeout=timeout, binary=binary)
     sources = expand_inputs(inputs, files_from=files_from, stdin=stdin)
     concurrency = min(concurrency, len(sources))
     start = time.perf_counter()
@@ -467,7 +484,7 @@ def predict_images(
         name: str | None = model
         if protocol == "v2":
             name, card = _v2_card(client, model, card_file)
-            predict = _v2_predictor(client, card, name, top_k)
+            predict = _v2_predictor(client, card, client.v2_plan(name, card, binary=binary), top_k)
         else:
             predict = _rest_predictor(client, model, top_k)
         results = run_ordered(predict, sources, concurrency=concurrency, default_model=name,

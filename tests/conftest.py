@@ -11,8 +11,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "shapes"
@@ -108,12 +112,20 @@ class LiveServer:
 def start_server(args: list[str], log_path: Path, *, env: dict[str, str] | None = None,
                  ready_path: str = "/v2/health/ready", timeout: float = 90) -> LiveServer:
     """Start `deploykit serve ARGS --port FREE` and wait until `ready_path` answers 200."""
-    import requests
-
     port = free_port()
     cmd = [sys.executable, "-m", "deploykit", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    return start_process(cmd, port, log_path, env=env, ready_path=ready_path, timeout=timeout)
+
+
+def start_process(cmd: list[str], port: int, log_path: Path, *, env: dict[str, str] | None = None,
+                  ready_path: str = "/v2/health/ready", timeout: float = 90,
+                  cwd: str | Path | None = None) -> LiveServer:
+    """Start a server process `cmd` that listens on loopback `port`; wait until `ready_path` answers 200."""
+    import requests
+
     log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's lifetime
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                               cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     server = LiveServer(process, url, log_path, cmd)
     deadline = time.monotonic() + timeout
@@ -151,3 +163,60 @@ def shapes_server(shapes_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -
     server = start_server([str(shapes_onnx)], tmp_path_factory.mktemp("server") / "server.log")
     yield server
     server.terminate()
+
+
+@pytest.fixture(scope="session")
+def absent_provider() -> tuple[str, str]:
+    """An execution provider that this onnxruntime build lacks, as (short name, ONNX Runtime's name): the
+    CPU build lacks CUDA, the GPU build lacks OpenVINO, so the tests of "not available" decide on the code
+    alone."""
+    from deploykit.runtime import PROVIDER_ALIASES, available_providers
+
+    available = set(available_providers())
+    absent = [(short, full) for short, full in PROVIDER_ALIASES.items() if full not in available]
+    assert absent, f"this onnxruntime has every provider deploykit names: {sorted(available)}"
+    return absent[0]
+
+
+@pytest.fixture
+def refused_downloads() -> Iterator[dict[str, str]]:
+    """Environment variables that make every HTTP(S) download of a subprocess fail at once, network or not:
+    the proxy they name is a port bound here and never listened on (connection refused), and nothing is
+    exempt from it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, so no other process takes the port while the test runs
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        names = ("http_proxy", "https_proxy", "all_proxy")
+        yield {
+            **{name: proxy for name in names},
+            **{name.upper(): proxy for name in names},
+            "no_proxy": "",
+            "NO_PROXY": "",
+        }
+
+
+REAL_PHOTO = Path(__file__).resolve().parent / "data" / "grace_hopper.jpg"
+
+
+def upscaled_photo(size: tuple[int, int], *, grain: float = 0.0, seed: int = 0) -> Image.Image:
+    """The real test photo (tests/data) cropped to ``size``'s aspect ratio and upscaled to it with Lanczos;
+    ``grain`` adds Gaussian sensor noise of that many grey levels (a phone photo's, about 4)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(REAL_PHOTO) as opened:
+        photo = opened.convert("RGB")
+    width, height = size
+    w, h = photo.size
+    if w * height > h * width:  # wider than the target: crop the sides
+        crop_w = h * width // height
+        photo = photo.crop(((w - crop_w) // 2, 0, (w - crop_w) // 2 + crop_w, h))
+    else:
+        crop_h = w * height // width
+        photo = photo.crop((0, (h - crop_h) // 2, w, (h - crop_h) // 2 + crop_h))
+    big = photo.resize(size, Image.Resampling.LANCZOS)
+    if not grain:
+        return big
+    pixels = np.asarray(big, dtype=np.float32)
+    noise = np.random.default_rng(seed).normal(0.0, grain, pixels.shape[:2])[..., None]
+    return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))

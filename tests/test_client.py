@@ -8,6 +8,7 @@ the requests it sees.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import threading
@@ -327,7 +328,98 @@ def test_cli_v2_against_a_server_without_deploykit_routes(
     assert with_card.returncode == 0, with_card.stderr
     got = [json.loads(line) for line in with_card.stdout.splitlines()]
     assert [r["label"] for r in got] == [true_label(Path(p)) for p in images]
-    assert [path for _method, path in front.requests[before:]] == ["/v2/models/shapes/infer"] * 3
+    # The model and server metadata once per run, then one request per image.
+    assert [path for _method, path in front.requests[before:]] == \
+        ["/v2/models/shapes", "/v2"] + ["/v2/models/shapes/infer"] * 3
+
+
+def server_lists(extensions: list[str], seen: list[dict[str, str]]) -> Rule:
+    """A V2 server whose GET /v2 lists ``extensions``; the inference requests' headers go to ``seen``."""
+
+    def rule(path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        if path == "/v2":
+            return 200, {"Content-Type": "application/json"}, \
+                json.dumps({"name": "other", "version": "1", "extensions": extensions}).encode()
+        if path.endswith("/infer"):
+            header_length = int(headers.get("Inference-Header-Content-Length", len(body)))
+            seen.append({**headers, "request": body[:header_length].decode()})
+        return None
+
+    return rule
+
+
+@pytest.mark.parametrize(("extensions", "flags", "binary", "classification"), [
+    ([], [], False, False),
+    ([], ["--binary"], True, False),
+    (["binary_tensor_data"], [], True, False),
+    (["binary_tensor_data"], ["--no-binary"], False, False),
+    (["classification"], [], False, True),
+    (["binary_tensor_data", "classification"], [], True, True),
+])
+def test_cli_v2_speaks_the_extensions_the_server_lists(
+        extensions: list[str], flags: list[str], binary: bool, classification: bool,
+        shapes_server: LiveServer, shapes_onnx: Path, shapes_images: list[Path],
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    seen: list[dict[str, str]] = []
+    front = front_factory(shapes_server.url, server_lists(extensions, seen))
+    images = [str(p) for p in shapes_images[:2]]
+    result = run_cli("predict", *images, "--url", front.url, "--protocol", "v2", "--card", str(shapes_onnx),
+                     "--model", "shapes", "--concurrency", "1", *flags)
+    assert result.returncode == 0, result.stderr
+    assert [r["label"] for r in strict_records(result.stdout)] == [true_label(Path(p)) for p in images]
+    assert [("Inference-Header-Content-Length" in h) for h in seen] == [binary] * len(images)
+    assert [('"classification"' in h["request"]) for h in seen] == [classification] * len(images)
+    assert sum(1 for _method, path in front.requests if path == "/v2") == 1  # once per run
+
+
+def answer_with(status: int, body: bytes, content_type: str) -> Rule:
+    def rule(path: str, headers: dict[str, str], _body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        return (status, {"Content-Type": content_type}, body) if path.endswith("/infer") else None
+
+    return rule
+
+
+TRACEBACK_BODY = (b"Traceback (most recent call last):\n  File \"/srv/app.py\", line 9, in infer\n"
+                  b"    run(model)\nValueError: Required inputs (['input']) are missing from input feed.\n")
+ERROR_BODIES = {
+    "error": (500, b'{"error": "ValidationError : 1 validation error\\nid\\n  Input should be a string"}',
+              "application/json", "ValidationError : 1 validation error id Input should be a string"),
+    "detail": (422, b'{"detail": [{"loc": ["body", "inputs", 0, "shape"], "msg": "Field required"}, '
+                    b'{"loc": ["body", "inputs", 0, "data"], "msg": "Field required"}]}', "application/json",
+               "body.inputs.0.shape: Field required; body.inputs.0.data: Field required"),
+    "traceback": (500, TRACEBACK_BODY, "text/plain",
+                  "ValueError: Required inputs (['input']) are missing from input feed."),
+    "long": (500, b"x" * 1000, "text/plain", "x" * 197 + "..."),
+    "html": (502, b"<html>\n<head><title>502 Bad Gateway</title></head>\n</html>\n", "text/html",
+             "HTTP 502: Bad Gateway."),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_BODIES))
+def test_v2_errors_carry_the_servers_message_on_one_line(
+        case: str, shapes_server: LiveServer, shapes_onnx: Path,
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    status, body, content_type, message = ERROR_BODIES[case]
+    front = front_factory(shapes_server.url, answer_with(status, body, content_type))
+    tensor = np.zeros((1, 3, 64, 64), dtype=np.float32)
+    with PredictClient(front.url, retries=0) as client, pytest.raises((RequestError, ServerError)) as info:
+        client.predict_tensor_v2(tensor, card=read_card(shapes_onnx), model="shapes")
+    assert info.value.status == status
+    assert message in info.value.message
+    assert "\n" not in str(info.value)
+    assert "Traceback" not in str(info.value)
+    assert info.value.hint is None or "--no-binary" not in info.value.hint  # the server lists binary data
+
+
+def test_v2_card_that_does_not_fit_the_served_model_is_refused(shapes_server: LiveServer,
+                                                               shapes_onnx: Path) -> None:
+    card = read_card(shapes_onnx)
+    smaller = card.replace(preprocess=dataclasses.replace(card.preprocess, crop=32, resize=None))
+    with PredictClient(shapes_server.url) as client, pytest.raises(UsageError) as info:
+        client.v2_plan("shapes", smaller)
+    assert "takes 'input' of shape [-1, 3, 64, 64], but the card's preprocessing makes [-1, 3, 32, 32]" in \
+        info.value.message
+    assert "--card" in str(info.value)
 
 
 def test_cli_v2_unknown_model_on_deploykit(shapes_server: LiveServer, shapes_images: list[Path]) -> None:

@@ -323,6 +323,7 @@ def test_api_key_option_and_environment(shapes_onnx: Path, shapes_images: list[P
 @pytest.mark.parametrize(("args", "message"), [
     ([], "No images given"),
     (["{img}", "--card", "{onnx}"], "--card is only used with --protocol v2"),
+    (["{img}", "--no-binary"], "--no-binary is only used with --protocol v2"),
     (["{img}", "--model-file", "{onnx}", "--url", "http://127.0.0.1:1"], "not both"),
     (["{empty}"], "No image files in directory"),
     (["{empty}/*.jpg"], "No image files match"),

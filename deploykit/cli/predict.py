@@ -99,6 +99,10 @@ def predict(
     card: Path | None = typer.Option(None, "--card", exists=True, dir_okay=False, metavar="MODEL.onnx",
                                      help="With --protocol v2: read preprocessing and labels from this file "
                                      "\\[default: ask the deploykit server]."),
+    binary: bool | None = typer.Option(None, "--binary/--no-binary", show_default=False,
+                                       help="With --protocol v2: send tensors as binary data (Triton's "
+                                       "extension) or as JSON \\[default: binary when the server lists "
+                                       "binary_tensor_data in GET /v2]."),
     files_from: str | None = typer.Option(None, "--files-from", metavar="FILE",
                                           help="Read image paths from FILE, one per line ('-' for stdin)."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Classes per image."),
@@ -125,7 +129,7 @@ def predict(
     fmt = Format.jsonl if as_json else output_format or default_format
     options: dict[str, Any] = {
         "url": url, "model": model, "model_file": model_file, "protocol": protocol.value, "card_file": card,
-        "top_k": top_k, "concurrency": concurrency, "retries": retries, "timeout": timeout,
+        "top_k": top_k, "concurrency": concurrency, "retries": retries, "timeout": timeout, "binary": binary,
     }
     check_options(**options)  # before stdin is read
     sources = expand_inputs(images or [], files_from=files_from, stdin=sys.stdin.buffer)

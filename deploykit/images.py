@@ -3,12 +3,23 @@
 Used by verify, serve, predict and int8 calibration, so client and server cannot drift apart. It mirrors
 torchvision's PIL path (``Resize(int)`` then ``CenterCrop``, ``ToTensor``, ``Normalize``) with Pillow and
 NumPy only; it never imports torch.
+
+Two ways to decode. Exact decodes the whole image, as torchvision's pipeline does, bit for bit. Fast (the
+default of ``load_tensor``) decodes a large image at about the size the model needs: a JPEG is decoded at
+1/2, 1/4 or 1/8 scale inside libjpeg (Pillow's draft mode), keeping its shorter side at or above the resize
+target; other formats are shrunk by a whole factor right after decoding, to no less than
+``REDUCING_GAP`` times the target. The same final resize and crop follow. An image too small to shrink
+that way (a JPEG whose shorter side is under twice the resize target, for instance) is decoded the same
+way in both modes.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +36,10 @@ DEFAULT_MAX_PIXELS = 64_000_000
 #: Beyond this aspect ratio only the part of the image that the centre crop keeps is resized (see
 #: resize_and_crop): resizing a 1x10000 image whole to a shorter side of 256 would make 655 million pixels.
 MAX_WHOLE_RESIZE_ASPECT = 16
+#: Formats other than JPEG are shrunk (``Image.reduce``: box averaging, cruder than libjpeg's DCT scaling)
+#: only down to this many times the resize target, as Pillow's ``reducing_gap``: the final resize then does
+#: the rest of the filtering, and the result stays as close to the full decode as a JPEG's.
+REDUCING_GAP = 3
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                             ".pgm"})
 
@@ -42,32 +57,46 @@ def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes into an upright 8-bit RGB image.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding a pixel (see ``probe_image``).
 
-    EXIF orientation is applied; grayscale, 16-bit, palette, CMYK and alpha images are converted (transparent
-    pixels are composited on white). Raises ``InvalidImageError`` for empty, unknown, truncated or oversized
-    (decompression bomb) input.
+    ``width`` and ``height`` are as stored, before EXIF orientation (what the ``max_pixels`` limit counts);
+    ``format`` is Pillow's name for it ("JPEG", "PNG", "WEBP", "MPO", ...), ``mode`` its pixel mode.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if not data:
-        raise InvalidImageError("The image is empty (0 bytes).")
+    width: int
+    height: int
+    format: str
+    mode: str
+
+    @property
+    def pixels(self) -> int:
+        """Width times height: what a full decode holds in memory, in pixels."""
+        return self.width * self.height
+
+    def decoded_pixels(self, target: Preprocess | None = None, *, exact: bool = False) -> int:
+        """The pixels that ``decode_image(..., target=target, exact=exact)`` decodes this image to.
+
+        A fast-decoded JPEG never exists at full size (libjpeg decodes it scaled); other formats are decoded
+        whole before they are shrunk, so for them this is ``pixels``.
+        """
+        if target is None or exact or self.format not in ("JPEG", "MPO"):
+            return self.pixels
+        scale = _dct_scale(self.width, self.height, target)
+        return math.ceil(self.width / scale) * math.ceil(self.height / scale)
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {"width": self.width, "height": self.height, "format": self.format, "mode": self.mode}
+
+
+@contextmanager
+def _decoding_errors() -> Iterator[None]:
+    """Turn Pillow's ways of failing on bad input into ``InvalidImageError``."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        # Our own pixel limit is checked before decoding. warnings.catch_warnings is not used to turn
-        # Pillow's DecompressionBombWarning into an error because it is not thread-safe (the server decodes
-        # in threads); Pillow itself still raises DecompressionBombError above twice its own limit.
-        opened = Image.open(io.BytesIO(data))
-        width, height = opened.size
-        if width * height > max_pixels:
-            raise InvalidImageError(
-                f"The image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels "
-                "(decompression bomb protection)."
-            )
-        opened.load()
-        # in place: without it Pillow returns a full copy of every image that needs no rotation
-        ImageOps.exif_transpose(opened, in_place=True)
-        image: Image.Image = opened
+        yield
     except UnidentifiedImageError as exc:
         raise InvalidImageError(
             "The data is not an image in a format Pillow can read (JPEG, PNG, WebP, BMP, TIFF, GIF...).",
@@ -79,7 +108,167 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImageError(
             f"The image could not be decoded; it may be truncated or corrupt ({exc}).") from exc
-    return to_rgb(image)
+
+
+def _open(data: bytes) -> Image.Image:
+    """Read the header only: Pillow decodes pixels on ``load()``."""
+    from PIL import Image
+
+    if not data:
+        raise InvalidImageError("The image is empty (0 bytes).")
+    return Image.open(io.BytesIO(data))
+
+
+def probe_image(data: bytes) -> ImageHeader:
+    """The size, format and mode from an image's header, without decoding it (cheap even for a bomb).
+
+    Raises ``InvalidImageError`` for empty or unknown data and unreadable headers, as ``decode_image`` does;
+    a truncated body is only found by decoding.
+    """
+    with _decoding_errors():
+        image = _open(data)
+        return ImageHeader(image.width, image.height, image.format or "", image.mode)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: Preprocess | None = None,
+                 exact: bool = False) -> Image.Image:
+    """Decode image bytes into an upright 8-bit RGB image.
+
+    EXIF orientation is applied; grayscale, 16-bit, palette, CMYK and alpha images are converted (transparent
+    pixels are composited on white). The header's pixel count is checked against ``max_pixels`` before any
+    pixel is decoded.
+
+    Without ``target`` (or with ``exact``) the whole image is decoded, as torchvision does. With ``target``,
+    an image large enough to shrink (a JPEG whose shorter side is at least twice the resize target, other
+    formats ``2 * REDUCING_GAP`` times) is decoded at reduced size (see the module docstring) and returned
+    already resized to the size ``preprocess(image, target)`` resizes to, so that call only crops: such an
+    image is meant for that ``target`` only. Smaller images come back exactly as without ``target``.
+
+    Raises ``InvalidImageError`` for empty, unknown, truncated or oversized (decompression bomb) input.
+    """
+    from PIL import ImageOps
+
+    with _decoding_errors():
+        # Our own pixel limit is checked before decoding. warnings.catch_warnings is not used to turn
+        # Pillow's DecompressionBombWarning into an error because it is not thread-safe (the server decodes
+        # in threads); Pillow itself still raises DecompressionBombError above twice its own limit.
+        opened = _open(data)
+        width, height = opened.size
+        if width * height > max_pixels:
+            raise InvalidImageError(
+                f"The image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels "
+                "(decompression bomb protection)."
+            )
+        reduced = None if target is None or exact else _decode_reduced(opened, target)
+        if reduced is None:
+            opened.load()
+            # in place: without it Pillow returns a full copy of every image that needs no rotation
+            ImageOps.exif_transpose(opened, in_place=True)
+    return to_rgb(opened) if reduced is None else reduced.finish()
+
+
+def _shrink_factor(width: int, height: int, pp: Preprocess, gap: int) -> int:
+    """How many times the image can shrink with its shorter side staying ``gap`` times the resize target."""
+    return min(width, height) // ((pp.resize if pp.resize is not None else pp.crop) * gap)
+
+
+def _dct_scale(width: int, height: int, pp: Preprocess) -> int:
+    """The JPEG draft scale: the smallest of 1/2, 1/4, 1/8 that keeps the shorter side at least the target."""
+    factor = _shrink_factor(width, height, pp, 1)
+    return 8 if factor >= 8 else 4 if factor >= 4 else 2 if factor >= 2 else 1
+
+
+#: Modes that ``Image.reduce`` averages correctly (alpha is premultiplied); others become RGB first.
+_REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "L", "LA"})
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    """A decoded, upright image smaller than the source by a factor, and where the source lies in it.
+
+    The reduced image rounds its size up (libjpeg and ``Image.reduce`` do), so the source covers ``box``, up
+    to one pixel less than the whole; resizing from ``box`` keeps the geometry of resizing the full image.
+    """
+
+    image: Image.Image
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]  # what preprocess resizes the full-size image to
+    resample: int
+
+    def finish(self) -> Image.Image:
+        """RGB at ``size``: the final resize, from the reduced image instead of the full one."""
+        # Only ever a shrink, even at an extreme aspect ratio: the result is smaller than the reduced image.
+        return to_rgb(self.image).resize(self.size, self.resample, box=self.box)
+
+
+def _decode_reduced(opened: Image.Image, pp: Preprocess) -> _Reduced | None:
+    """Decode ``opened`` shrunk for ``pp``, then orient it; None, before decoding, if it is too small."""
+    from PIL import ExifTags, Image, JpegImagePlugin
+
+    width, height = opened.size
+    box: tuple[float, float, float, float] | None = None  # where the source lies in the decoded image
+    if isinstance(opened, JpegImagePlugin.JpegImageFile) and (dct := _dct_scale(width, height, pp)) > 1:
+        # Before load(): libjpeg then decodes straight at the scale, the full-size image is never in memory.
+        # Asking for the current mode keeps it (draft would switch RGB to L or YCbCr if asked to).
+        drafted = opened.draft(opened.mode, (width // dct, height // dct))
+        if drafted is not None:
+            box = drafted[1]
+    factor = _shrink_factor(width, height, pp, REDUCING_GAP)
+    if box is None and factor < 2:
+        return None
+    opened.load()
+    # Read from the file (JPEG APP1, PNG eXIf, TIFF tags, XMP) before a reduced copy drops what is not EXIF.
+    orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
+    image: Image.Image = opened
+    if box is None:
+        # Reduce before converting, orienting or compositing: those then work on the small image.
+        if image.mode not in _REDUCIBLE_MODES:
+            image = to_rgb(image)
+        image = image.reduce(factor)
+        box = (0.0, 0.0, width / factor, height / factor)
+    method = _transpose_method(orientation)
+    if method is not None:
+        box = _transposed_box(box, image.size, method)
+        image = image.transpose(method)
+        if method in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                      Image.Transpose.ROTATE_270):
+            width, height = height, width
+    return _Reduced(image, box, _resize_size(width, height, pp), _resample(pp.interpolation))
+
+
+def _transpose_method(orientation: int) -> Image.Transpose | None:
+    """The transposition that shows an image with this EXIF orientation upright (as exif_transpose does)."""
+    from PIL import Image
+
+    return {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(orientation)
+
+
+def _transposed_box(box: tuple[float, float, float, float], size: tuple[int, int],
+                    method: Image.Transpose) -> tuple[float, float, float, float]:
+    """Where ``box`` of an image of ``size`` lies after ``Image.transpose(method)``."""
+    from PIL import Image
+
+    w, h = size
+    x0, y0, x1, y1 = box
+    corner = {
+        Image.Transpose.FLIP_LEFT_RIGHT: lambda x, y: (w - x, y),
+        Image.Transpose.FLIP_TOP_BOTTOM: lambda x, y: (x, h - y),
+        Image.Transpose.ROTATE_180: lambda x, y: (w - x, h - y),
+        Image.Transpose.ROTATE_90: lambda x, y: (y, w - x),  # counter-clockwise
+        Image.Transpose.ROTATE_270: lambda x, y: (h - y, x),
+        Image.Transpose.TRANSPOSE: lambda x, y: (y, x),
+        Image.Transpose.TRANSVERSE: lambda x, y: (h - y, w - x),
+    }[method]
+    (ax, ay), (bx, by) = corner(x0, y0), corner(x1, y1)
+    return (min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -104,17 +293,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read and decode an image file; errors name the file."""
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: Preprocess | None = None,
+               exact: bool = False) -> Image.Image:
+    """Read and decode an image file (as ``decode_image``); errors name the file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidImageError(f"Cannot read {str(path)!r}: {exc.strerror}.") from exc
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return decode_image(data, max_pixels=max_pixels, target=target, exact=exact)
     except InvalidImageError as exc:
         raise InvalidImageError(f"{path}: {exc.message}", unsupported=exc.unsupported) from exc
+
+
+def load_tensor(data: bytes, pp: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                exact: bool = False) -> np.ndarray:
+    """Image bytes to one input tensor (no batch axis): decode at the size ``pp`` needs, then preprocess.
+
+    ``exact`` decodes the whole image, bit-identical to torchvision's pipeline; otherwise a large image is
+    decoded reduced (see ``decode_image``). Raises ``InvalidImageError`` as ``decode_image`` does.
+    """
+    return preprocess(decode_image(data, max_pixels=max_pixels, target=pp, exact=exact), pp)
 
 
 def _resample(name: str) -> int:
@@ -130,22 +330,32 @@ def _resample(name: str) -> int:
     }[name]
 
 
+def _resize_size(width: int, height: int, pp: Preprocess) -> tuple[int, int]:
+    """The size torchvision's ``Resize`` gives a ``width`` x ``height`` image under ``pp``."""
+    if pp.resize is None:
+        return (pp.crop, pp.crop)
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = pp.resize, int(pp.resize * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _extreme_aspect(size: tuple[int, int]) -> bool:
+    return max(size) > MAX_WHOLE_RESIZE_ASPECT * min(size)
+
+
 def resize_and_crop(image: Image.Image, pp: Preprocess) -> Image.Image:
     """Resize the shorter side to ``pp.resize`` and cut the centre ``pp.crop`` square, as torchvision does."""
     resample = _resample(pp.interpolation)
+    size = _resize_size(*image.size, pp)
     if pp.resize is None:
-        return image.resize((pp.crop, pp.crop), resample)
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = pp.resize, int(pp.resize * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
+        return image.resize(size, resample)
     top = int(round((size[1] - pp.crop) / 2.0))
     left = int(round((size[0] - pp.crop) / 2.0))
-    if new_long > MAX_WHOLE_RESIZE_ASPECT * new_short:
+    if _extreme_aspect(size):
         # An extreme aspect ratio: resample only the source region under the crop, to the crop's size. The
         # same filter at the same scale, so pixels differ from resizing the whole image by rounding only (at
         # most a level or two), while memory stays that of one crop instead of growing with the ratio.
-        sx, sy = width / size[0], height / size[1]
+        sx, sy = image.width / size[0], image.height / size[1]
         box = (left * sx, top * sy, (left + pp.crop) * sx, (top + pp.crop) * sy)
         return image.resize((pp.crop, pp.crop), resample, box=box)
     if size != image.size:

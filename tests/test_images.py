@@ -13,16 +13,22 @@ from PIL import Image
 
 from deploykit.card import Preprocess
 from deploykit.images import (
+    DEFAULT_MAX_PIXELS,
     MAX_WHOLE_RESIZE_ASPECT,
+    REDUCING_GAP,
+    ImageHeader,
     InvalidImageError,
     decode_image,
     is_image_path,
     iter_image_files,
     load_image,
+    load_tensor,
     preprocess,
     preprocess_batch,
+    probe_image,
     resize_and_crop,
 )
+from tests.conftest import upscaled_photo
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
@@ -334,3 +340,278 @@ def test_preprocess_is_bit_identical_to_pixelwise_normalisation(layout: str, ord
     assert ours.dtype == np.dtype(dtype)
     assert ours.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(ours, expected.astype(dtype))
+
+
+# --- fast decoding: large images decoded at the size the model needs ----------------------------------------
+
+IMAGENET = Preprocess()
+SHAPES = Preprocess(crop=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+FAST_PREPROCESS = [
+    IMAGENET,
+    SHAPES,
+    Preprocess(crop=224, resize=232, interpolation="bicubic"),
+    Preprocess(crop=96, resize=None),
+]
+FAST_IDS = ["imagenet", "shapes", "bicubic", "no-resize"]
+
+
+def phone_photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """The real test photo at ``size`` with a phone's sensor grain (5 levels)."""
+    return upscaled_photo(size, grain=5.0, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def phone_image() -> Image.Image:
+    """The 12-megapixel photo, upright, as a phone's main camera takes it (4032x3024)."""
+    return phone_photo((4032, 3024))
+
+
+@pytest.fixture(scope="session")
+def phone_jpeg(phone_image: Image.Image) -> bytes:
+    data = encode(phone_image, "JPEG", quality=92)
+    assert 2_000_000 < len(data) < 4_000_000  # like a phone's: about 3 MB
+    return data
+
+
+def with_orientation(upright: Image.Image, orientation: int, fmt: str = "JPEG") -> bytes:
+    """``upright`` stored as a camera stores it with this EXIF orientation (the tag says how to undo it)."""
+    undo = {
+        1: None,
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,  # stored turned left; the tag says: turn it right to view
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }[orientation]
+    stored = upright if undo is None else upright.transpose(undo)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    params: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {"compress_level": 1}
+    return encode(stored, fmt, exif=exif.tobytes(), **params)
+
+
+def differences(fast: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    assert fast.shape == exact.shape
+    diff = np.abs(fast.astype(np.float64) - exact)
+    return float(diff.mean()), float(diff.max())
+
+
+@pytest.mark.parametrize("pp", FAST_PREPROCESS, ids=FAST_IDS)
+def test_fast_decode_of_a_phone_photo_is_close_to_the_full_decode(phone_jpeg: bytes, pp: Preprocess) -> None:
+    fast = load_tensor(phone_jpeg, pp)
+    exact = load_tensor(phone_jpeg, pp, exact=True)
+    assert fast.shape == exact.shape == (3, pp.crop, pp.crop)
+    assert fast.dtype == np.float32
+    mean, peak = differences(fast, exact)
+    # A quarter to half an 8-bit level on average (one level is 1/255/std, about 0.017 here).
+    assert mean < 0.015
+    assert peak < 0.35
+    assert mean > 0, "a 12-megapixel JPEG must take the fast path"
+
+
+def test_fast_decode_returns_the_resized_image_and_decodes_at_one_eighth(phone_jpeg: bytes) -> None:
+    image = decode_image(phone_jpeg, target=IMAGENET)
+    assert image.mode == "RGB"
+    assert image.size == (341, 256), "already at the size preprocess resizes to, so that it only crops"
+    np.testing.assert_array_equal(preprocess(image, IMAGENET), load_tensor(phone_jpeg, IMAGENET))
+    header = probe_image(phone_jpeg)
+    assert header == ImageHeader(4032, 3024, "JPEG", "RGB")
+    assert header.decoded_pixels(IMAGENET) == 504 * 378  # decoded at 1/8 scale: 3024 / 8 >= 256
+    assert header.decoded_pixels(IMAGENET, exact=True) == header.pixels == 4032 * 3024
+    assert header.decoded_pixels(Preprocess(crop=224, resize=512)) == 1008 * 756  # 1/4 keeps >= 512
+
+
+@pytest.mark.parametrize("pp", [IMAGENET, SHAPES, Preprocess(crop=224, resize=232, interpolation="bicubic")],
+                         ids=FAST_IDS[:3])
+def test_exact_mode_is_todays_decode_and_torchvisions_pipeline(phone_jpeg: bytes, pp: Preprocess) -> None:
+    exact = load_tensor(phone_jpeg, pp, exact=True)
+    np.testing.assert_array_equal(exact, preprocess(decode_image(phone_jpeg), pp))
+    np.testing.assert_array_equal(exact, preprocess(decode_image(phone_jpeg, target=pp, exact=True), pp))
+    reference = Image.open(io.BytesIO(phone_jpeg)).convert("RGB")
+    # The pixels after resize and crop are torchvision's bit for bit; the normalised floats differ by float32
+    # rounding only (torchvision divides by 255, the lookup table multiplies by 1/255).
+    from torchvision import transforms
+
+    mode = {"bilinear": transforms.InterpolationMode.BILINEAR,
+            "bicubic": transforms.InterpolationMode.BICUBIC}[pp.interpolation]
+    cropped = transforms.CenterCrop(pp.crop)(transforms.Resize(pp.resize, interpolation=mode)(reference))
+    ours = resize_and_crop(decode_image(phone_jpeg), pp)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(cropped))
+    np.testing.assert_allclose(exact, _torchvision_pipeline(pp)(reference).numpy(), rtol=0, atol=1e-6)
+
+
+def test_exif_rotated_phone_photo(phone_image: Image.Image) -> None:
+    # A portrait photo as phones store it: landscape sensor pixels (4032x3024) and orientation 6.
+    upright = phone_image.transpose(Image.Transpose.ROTATE_90)
+    data = with_orientation(upright, 6)
+    assert probe_image(data).width == 4032
+    image = decode_image(data, target=IMAGENET)
+    assert image.size == (256, 341), "upright: portrait"
+    mean, peak = differences(load_tensor(data, IMAGENET), load_tensor(data, IMAGENET, exact=True))
+    assert mean < 0.015
+    assert peak < 0.35
+    # The same photo stored upright gives (nearly) the same tensor: the rotation was undone, not forgotten.
+    stored_upright = encode(upright, "JPEG", quality=95)
+    upright_mean, _ = differences(load_tensor(data, IMAGENET), load_tensor(stored_upright, IMAGENET))
+    assert upright_mean < 0.02
+
+
+@pytest.fixture(scope="module")
+def odd_sized_photo() -> Image.Image:
+    """Sides not divisible by the reduction factors: the reduced image has a partial last row and column."""
+    return phone_photo((1203, 901), seed=1)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_keeps_the_geometry(odd_sized_photo: Image.Image, orientation: int,
+                                                   fmt: str) -> None:
+    # The partial pixel ends up on another side after the rotation; resizing as if it were not there shifts
+    # the image by up to half an output pixel, which shows as a mean difference 3 to 10 times these bounds.
+    data = with_orientation(odd_sized_photo, orientation, fmt)
+    fast = decode_image(data, target=SHAPES)
+    assert fast.size == (96, 72)
+    mean, peak = differences(load_tensor(data, SHAPES), load_tensor(data, SHAPES, exact=True))
+    assert mean < (0.025 if fmt == "JPEG" else 0.008)
+    assert peak < (0.4 if fmt == "JPEG" else 0.1)
+
+
+def test_large_png_is_reduced_before_the_final_resize(phone_image: Image.Image) -> None:
+    data = encode(phone_image.resize((2016, 1512)), "PNG", compress_level=1)
+    assert 1512 // (SHAPES.resize * REDUCING_GAP) == 7  # reduced 7 times, to 288x216, three times the target
+    assert decode_image(data, target=SHAPES).size == (96, 72)
+    mean, peak = differences(load_tensor(data, SHAPES), load_tensor(data, SHAPES, exact=True))
+    assert 0 < mean < 0.008
+    assert peak < 0.1
+    header = probe_image(data)
+    assert header.decoded_pixels(SHAPES) == header.pixels, "a PNG is decoded whole, then reduced"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "I;16", "1"])
+def test_png_modes_on_the_reduce_path(odd_sized_photo: Image.Image, mode: str) -> None:
+    if mode in ("RGBA", "LA"):
+        rgba = odd_sized_photo.convert("RGBA")
+        alpha = np.full(rgba.size[::-1], 255, dtype=np.uint8)
+        alpha[:, : rgba.width // 2] = 0  # left half transparent: white after compositing
+        rgba.putalpha(Image.fromarray(alpha))
+        image = rgba if mode == "RGBA" else rgba.convert("LA")
+    elif mode == "I;16":
+        image = Image.fromarray(np.asarray(odd_sized_photo.convert("L")).astype(np.uint16) * 257)
+    else:
+        image = odd_sized_photo.convert(mode)
+    data = encode(image, "PNG", compress_level=1)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    fast, exact = load_tensor(data, SHAPES), load_tensor(data, SHAPES, exact=True)
+    mean, _ = differences(fast, exact)
+    assert mean < (0.03 if mode == "1" else 0.008)  # dithered 1-bit pixels are all edges
+    if mode in ("RGBA", "LA"):
+        white = (np.float32(1.0) - np.float32(0.5)) / np.float32(0.25)
+        np.testing.assert_allclose(fast[:, :, :20], white, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+@pytest.mark.parametrize("pp", [IMAGENET, SHAPES], ids=["imagenet", "shapes"])
+def test_grayscale_and_cmyk_jpegs_are_drafted(phone_image: Image.Image, mode: str, pp: Preprocess) -> None:
+    data = encode(phone_image.resize((1600, 1200)).convert(mode), "JPEG", quality=90)
+    header = probe_image(data)
+    assert header.mode == mode
+    assert header.decoded_pixels(pp) < header.pixels / 15  # 1/4 or 1/8 scale
+    fast = decode_image(data, target=pp)
+    assert fast.mode == "RGB"
+    assert fast.size == (341, 256) if pp is IMAGENET else (96, 72)
+    mean, peak = differences(load_tensor(data, pp), load_tensor(data, pp, exact=True))
+    assert mean < 0.02
+    assert peak < 0.5
+    if mode == "L":
+        pixels = np.asarray(fast)
+        assert (pixels[..., 0] == pixels[..., 1]).all()
+        assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_progressive_and_multi_picture_jpegs_are_drafted(odd_sized_photo: Image.Image) -> None:
+    progressive = encode(odd_sized_photo, "JPEG", quality=90, progressive=True)
+    mpo = encode(odd_sized_photo, "MPO", save_all=True, append_images=[odd_sized_photo.resize((300, 225))])
+    for data in (progressive, mpo):
+        assert probe_image(data).decoded_pixels(SHAPES) == 151 * 113  # 1/8 scale, sides rounded up
+        mean, _ = differences(load_tensor(data, SHAPES), load_tensor(data, SHAPES, exact=True))
+        assert mean < 0.025
+
+
+@pytest.mark.parametrize(
+    ("fmt", "short", "reduced"),
+    [
+        ("JPEG", 2 * SHAPES.resize - 1, False),
+        ("JPEG", 2 * SHAPES.resize, True),  # 1/2 scale
+        ("PNG", 2 * REDUCING_GAP * SHAPES.resize - 1, False),
+        ("PNG", 2 * REDUCING_GAP * SHAPES.resize, True),  # reduced twice
+    ],
+)
+def test_small_images_are_untouched_by_fast_mode(fmt: str, short: int, reduced: bool) -> None:
+    data = encode(gradient(short + 37, short, seed=short), fmt, quality=90)
+    fast, exact = decode_image(data, target=SHAPES), decode_image(data)
+    if reduced:
+        assert fast.size == (int(72 * (short + 37) / short), 72)
+    else:
+        assert fast.size == exact.size
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(exact))
+        np.testing.assert_array_equal(load_tensor(data, SHAPES), load_tensor(data, SHAPES, exact=True))
+
+
+@pytest.mark.parametrize("size", [(160, 4000), (4000, 160)])
+def test_extreme_aspect_ratio_in_fast_mode(size: tuple[int, int]) -> None:
+    data = encode(gradient(*size, seed=5), "JPEG", quality=95)
+    image = decode_image(data, target=SHAPES)
+    assert min(image.size) == 72
+    assert max(image.size) > MAX_WHOLE_RESIZE_ASPECT * 72
+    mean, _ = differences(load_tensor(data, SHAPES), load_tensor(data, SHAPES, exact=True))
+    assert mean < 0.1  # the gradient's random blue channel is noise at every scale
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A valid 16x16 baseline JPEG whose frame header (SOF0) is patched to claim ``width`` x ``height``."""
+    data = bytearray(encode(gradient(16, 16), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("data", [_png_claiming(9_000, 9_000), _jpeg_claiming(10_000, 9_000)],
+                         ids=["png", "jpeg"])
+def test_decompression_bomb_is_refused_in_fast_mode_too(data: bytes) -> None:
+    header = probe_image(data)  # the header alone: no pixel is decoded
+    assert header.pixels > DEFAULT_MAX_PIXELS
+    for exact in (False, True):
+        with pytest.raises(InvalidImageError, match="decompression bomb"):
+            load_tensor(data, IMAGENET, exact=exact)
+
+
+def test_pixel_limit_counts_the_full_size_even_when_decoded_smaller(phone_jpeg: bytes) -> None:
+    with pytest.raises(InvalidImageError, match="4032x3024"):
+        load_tensor(phone_jpeg, IMAGENET, max_pixels=10_000_000)
+
+
+def test_probe_reads_the_header_only() -> None:
+    assert probe_image(encode(gradient(40, 30), "PNG")) == ImageHeader(40, 30, "PNG", "RGB")
+    assert probe_image(encode(gradient(40, 30).convert("L"), "JPEG")).to_dict() == {
+        "width": 40, "height": 30, "format": "JPEG", "mode": "L"}
+    assert probe_image(_png_claiming(9_000, 9_000)).pixels == 81_000_000  # its pixels are never read
+    with pytest.raises(InvalidImageError, match="decompression bomb"):  # Pillow refuses past 2x its limit
+        probe_image(_png_claiming(50_000, 40_000))
+    with pytest.raises(InvalidImageError, match="empty"):
+        probe_image(b"")
+    with pytest.raises(InvalidImageError) as info:
+        probe_image(b"%PDF-1.4 not an image" * 10)
+    assert info.value.unsupported
+
+
+def test_load_image_and_load_tensor_take_the_target(phone_jpeg: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(phone_jpeg)
+    assert load_image(path, target=IMAGENET).size == (341, 256)
+    assert load_image(path, target=IMAGENET, exact=True).size == (4032, 3024)
+    assert load_image(path).size == (4032, 3024)
+    np.testing.assert_array_equal(preprocess(load_image(path, target=SHAPES), SHAPES),
+                                  load_tensor(phone_jpeg, SHAPES))

@@ -42,6 +42,18 @@ def serve(
         30.0, "--request-timeout", help="Seconds a request may wait (504)."
     ),
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="Largest request body in MB (413)."),
+    decode_budget_mb: float = typer.Option(
+        320.0,
+        "--decode-budget-mb",
+        help="Memory for the images being decoded at once; more wait for room (504 past --request-timeout), "
+        "an image that needs more than all of it is refused (413).",
+    ),
+    exact_decode: bool = typer.Option(
+        False,
+        "--exact-decode",
+        help="Decode every image at full size, bit-identical to torchvision's transforms (default: a large "
+        "photo is decoded at the size the model needs).",
+    ),
     max_request_images: int = typer.Option(
         64, "--max-request-images", help="Most images (or V2 batch rows) in one request (413)."
     ),
@@ -99,6 +111,8 @@ def serve(
         request_timeout=request_timeout,
         max_body_mb=max_body_mb,
         max_request_images=max_request_images,
+        decode_budget_mb=decode_budget_mb,
+        exact_decode=exact_decode,
         graceful_timeout=graceful_timeout,
         api_key=api_key,
         cors_origins=tuple(cors_origin or ()),

@@ -25,6 +25,9 @@ MAX_BATCH_SIDE_BY_SIDE = 2
 #: an idle kept-alive connection, a client stalled in its request, a client that reads nothing of its answer
 #: (``--client-timeout``).
 DEFAULT_CLIENT_TIMEOUT = 10
+#: Default memory for the images being decoded at once (``--decode-budget-mb``): room for one image at the
+#: default --max-image-pixels (40 megapixels) even when it must be converted to RGB (8 bytes a pixel).
+DEFAULT_DECODE_BUDGET_MB = 320
 #: Default most connections open at once (``--max-connections``); past it the server accepts no more until
 #: some close (they wait in the listen backlog).
 DEFAULT_MAX_CONNECTIONS = 1000
@@ -77,6 +80,8 @@ class ServeConfig:
     self_test: bool = True
     log_level: str = "info"
     max_image_pixels: int = 40_000_000
+    decode_budget_mb: float = DEFAULT_DECODE_BUDGET_MB
+    exact_decode: bool = False
     client_timeout: int = DEFAULT_CLIENT_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     load_in_background: bool = False
@@ -108,6 +113,7 @@ class ServeConfig:
             ),
             (self.request_timeout <= 0, f"--request-timeout must be positive, got {self.request_timeout}"),
             (self.max_body_mb <= 0, f"--max-body-mb must be positive, got {self.max_body_mb}"),
+            (self.decode_budget_mb <= 0, f"--decode-budget-mb must be positive, got {self.decode_budget_mb}"),
             (
                 self.max_request_images < 1,
                 f"--max-request-images must be at least 1, got {self.max_request_images}",
@@ -124,6 +130,7 @@ class ServeConfig:
             ("--max-batch-delay-ms", self.max_batch_delay_ms),
             ("--request-timeout", self.request_timeout),
             ("--max-body-mb", self.max_body_mb),
+            ("--decode-budget-mb", self.decode_budget_mb),
             ("--graceful-timeout", self.graceful_timeout),
         ):
             if not math.isfinite(value):
@@ -142,6 +149,10 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        return int(self.decode_budget_mb * 1024 * 1024)
 
     @property
     def default_model(self) -> str:

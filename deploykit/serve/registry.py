@@ -18,7 +18,9 @@ from deploykit.errors import DeployKitError
 from deploykit.runtime import Predictor, SessionOptions, create_session, provider_name
 from deploykit.serve.answers import ServeError
 from deploykit.serve.batching import Batcher
+from deploykit.serve.budget import DecodeBudget
 from deploykit.serve.config import MAX_BATCH_ONE_AT_A_TIME, MAX_BATCH_SIDE_BY_SIDE, ModelSpec, ServeConfig
+from deploykit.serve.memory import release_free_memory
 from deploykit.serve.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -194,6 +196,7 @@ class Registry:
         next(iter(self.entries.values())).default = True
         self.all = [entry for versions in self.versions.values() for entry in versions.values()]
         self.plan = inference_plan(config)
+        self.budget = DecodeBudget(config.decode_budget_bytes, max_waiting=config.max_queue)
         self.draining = False
         self.loaded = threading.Event()
         self._thread: threading.Thread | None = None
@@ -338,26 +341,6 @@ class Registry:
         for entry in self.all:
             if entry.batcher is not None:
                 entry.batcher.close()
-
-
-def release_free_memory() -> None:
-    """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
-
-    Building an ONNX Runtime session parses the whole model and frees most of it again, but glibc keeps
-    the freed pages: for resnet18 that is about 90 MB of resident memory that ``malloc_trim``
-    returns.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return
 
 
 def version_key(version: str) -> tuple[int, str]:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,11 @@ from flask import Blueprint, Response, current_app, request
 from werkzeug.wrappers import Request
 
 from deploykit.card import Preprocess
-from deploykit.images import InvalidImageError, decode_image, preprocess
+from deploykit.images import InvalidImageError, load_tensor, probe_image
 from deploykit.runtime import top_k
 from deploykit.serve.answers import ServeError, json_response, read_body
-from deploykit.serve.registry import registry_of
+from deploykit.serve.budget import decode_cost
+from deploykit.serve.registry import Registry, registry_of
 
 bp = Blueprint("rest", __name__)
 
@@ -99,15 +101,28 @@ def read_images(req: Request, max_images: int) -> list[tuple[str | None, bytes]]
     return [(None, body)]
 
 
-def _decoded(
-    data: bytes, filename: str | None, index: int, count: int, max_pixels: int, pp: Preprocess
-) -> np.ndarray:
-    """One image of a batch upload, preprocessed; an error names which image it is."""
+def _tensor(registry: Registry, data: bytes, pp: Preprocess, which: str | None) -> np.ndarray:
+    """One uploaded image as an input tensor, decoded within the decode budget (the cost is read from its
+    header first). ``which`` names the image of a batch in errors (None: the request's only image)."""
+    config = registry.config
     try:
-        return preprocess(decode_image(data, max_pixels=max_pixels), pp)
+        header = probe_image(data)
+        budget: AbstractContextManager[None] = nullcontext()
+        if header.pixels <= config.max_image_pixels:  # else decoding refuses it before any pixel
+            cost = decode_cost(header, pp, exact=config.exact_decode)
+            budget = registry.budget.reserve(cost, config.request_timeout, which or "The image")
+        with budget:
+            return load_tensor(data, pp, max_pixels=config.max_image_pixels, exact=config.exact_decode)
     except InvalidImageError as exc:
-        which = f"{filename!r} ({index + 1} of {count})" if filename else f"image {index + 1} of {count}"
+        if which is None:
+            raise
         raise InvalidImageError(f"{which}: {exc.message}", unsupported=exc.unsupported) from None
+
+
+def _which(filename: str | None, index: int, count: int) -> str | None:
+    if count == 1:
+        return None
+    return f"{filename!r} ({index + 1} of {count})" if filename else f"image {index + 1} of {count}"
 
 
 @bp.post("/predict")
@@ -128,14 +143,10 @@ def predict(name: str | None = None) -> Response:
     k = _top_k_param(req, card.num_classes)
     with batcher.incoming() as ticket:
         uploads = read_images(req, config.max_request_images)
-        pp = card.preprocess
-        if len(uploads) == 1:
-            tensors = [preprocess(decode_image(uploads[0][1], max_pixels=config.max_image_pixels), pp)]
-        else:
-            tensors = [
-                _decoded(data, filename, i, len(uploads), config.max_image_pixels, pp)
-                for i, (filename, data) in enumerate(uploads)
-            ]
+        tensors = [
+            _tensor(registry, data, card.preprocess, _which(filename, i, len(uploads)))
+            for i, (filename, data) in enumerate(uploads)
+        ]
         batch = tensors[0][None] if len(tensors) == 1 else np.stack(tensors)
         decoded = time.perf_counter()
         result = batcher.submit(batch, config.request_timeout, ticket)

@@ -17,7 +17,7 @@ from deploykit.serve.answers import QueueFull, RequestTimeout, ServeError
 from deploykit.serve.app import create_app
 from deploykit.serve.budget import DecodeBudget, decode_cost
 from deploykit.serve.config import ModelSpec, ServeConfig
-from tests.conftest import LiveServer, upscaled_photo
+from tests.conftest import REAL_PHOTO, LiveServer, upscaled_photo
 
 MB = 1024 * 1024
 
@@ -31,9 +31,9 @@ def _status_kb(pid: int, field: str) -> int:
 
 @pytest.fixture(scope="module")
 def huge_png() -> bytes:
-    """A real photo upscaled to 6400x6000 (38 megapixels, 154 MB decoded), about 14 MB as PNG."""
+    """A real photo upscaled to 6400x6000 (38 megapixels, 154 MB decoded), about 16 MB as PNG."""
     buffer = io.BytesIO()
-    upscaled_photo((6400, 6000)).save(buffer, "PNG", compress_level=9)
+    upscaled_photo((6400, 6000)).save(buffer, "PNG", compress_level=6)
     return buffer.getvalue()
 
 
@@ -132,10 +132,11 @@ def test_the_route_refuses_an_image_over_the_budget(shapes_onnx: Path, huge_png:
         "The image needs about 146 MB to decode, more than the server's decode budget of 64 MB "
         "(--decode-budget-mb). Send a smaller image."
     )
-    files = {"file": [(io.BytesIO(huge_png), "big.png"), (io.BytesIO(huge_png), "big2.png")]}
+    small = REAL_PHOTO.read_bytes()
+    files = {"file": [(io.BytesIO(small), "small.jpg"), (io.BytesIO(huge_png), "big.png")]}
     r = client.post("/predict", data=files, content_type="multipart/form-data")
     assert r.status_code == 413
-    assert r.json["error"].startswith("'big.png' (1 of 2) needs about 146 MB")
+    assert r.json["error"].startswith("'big.png' (2 of 2) needs about 146 MB")
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from deploykit import __version__
 from deploykit.card import ModelCard, TensorSpec, card_from_metadata, load_onnx
 from deploykit.datatypes import V2_BY_NUMPY, triton_type
 from deploykit.errors import ModelFileError, UsageError
-from deploykit.serve.config import MAX_BATCH_ONE_AT_A_TIME, ServeConfig
+from deploykit.serve.config import DEFAULT_DECODE_BUDGET_MB, MAX_BATCH_ONE_AT_A_TIME, ServeConfig
 
 FORMATS = ("triton", "kserve", "docker", "k8s")
 CONTAINER_PORT = 8080
@@ -36,6 +37,8 @@ _DEFAULTS = {f.name: f.default for f in fields(ServeConfig)}
 # Triton batches on one instance group the way deploykit serve does with one call at a time.
 DEFAULT_MAX_BATCH_SIZE: int = MAX_BATCH_ONE_AT_A_TIME
 DEFAULT_GRACEFUL_TIMEOUT: float = _DEFAULTS["graceful_timeout"]  # type: ignore[assignment]
+_SERVE_THREADS: int = _DEFAULTS["threads"]  # type: ignore[assignment]
+_SERVE_MAX_BODY_MB: float = _DEFAULTS["max_body_mb"]  # type: ignore[assignment]
 
 # Same rule as `deploykit serve name=path`, so a packaged name is also a valid deploykit model name.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -109,7 +112,7 @@ def package_model(
     prestop_seconds: int = 5,
     cpu_request: str = "500m",
     cpu_limit: str = "2",
-    memory: str = "1Gi",
+    memory: str | None = None,
     min_replicas: int = 1,
     max_replicas: int = 4,
     target_cpu_percent: int = 70,
@@ -132,6 +135,8 @@ def package_model(
         graceful_timeout, prestop_seconds: the server's drain time on SIGTERM and the preStop delay before it;
             the pod's terminationGracePeriodSeconds is set above their sum.
         cpu_request, cpu_limit, memory, min_replicas, max_replicas, target_cpu_percent: pod settings.
+            ``memory`` (the request and the limit) defaults to the server's peak for this model, from
+            :func:`serve_memory_mb`, with a quarter of headroom.
         force: replace a non-empty ``output_dir``.
 
     Raises:
@@ -159,13 +164,17 @@ def package_model(
          f"--storage-uri must be a URI without spaces or quotes, got {storage_uri!r}"),
         (image is not None and not _IMAGE.fullmatch(image),
          f"--image is not a valid image reference: {image!r}"),
-        (not all(_QUANTITY.fullmatch(q) for q in (cpu_request, cpu_limit, memory)),
+        (not all(_QUANTITY.fullmatch(q) for q in (cpu_request, cpu_limit, memory or "0")),
          f"cpu and memory must be Kubernetes quantities such as 500m, 2, 1Gi; got {cpu_request!r}, "
          f"{cpu_limit!r}, {memory!r}"),
     ]
     for failed, message in checks:
         if failed:
             raise UsageError(message + ".")
+    if memory is None:
+        # Triton decodes no images (clients send tensors): no decode budget there
+        budget = 0.0 if format == "kserve" else DEFAULT_DECODE_BUDGET_MB
+        memory = memory_quantity(serve_memory_mb(onnx_path.stat().st_size, decode_budget_mb=budget))
     k8s = k8s_name(name)
     if image is None and format in ("docker", "k8s"):
         image = f"deploykit-{k8s}:{__version__}"
@@ -193,6 +202,31 @@ def package_model(
     return PackageResult(format=format, output_dir=output, name=name, files=files,
                          dynamic_batch=card.dynamic_batch, max_batch_size=batch,
                          image=image if format in ("docker", "k8s") else None)
+
+
+#: deploykit serve's resident memory with no model loaded, and per MB of ONNX file (two sessions on a
+#: machine of several cores, and ONNX Runtime's arenas), measured with the example model and resnet18.
+SERVE_BASE_MB = 110
+SERVE_MB_PER_MODEL_MB = 2.5
+
+
+def serve_memory_mb(
+    model_bytes: int,
+    *,
+    decode_budget_mb: float = DEFAULT_DECODE_BUDGET_MB,
+    threads: int = _SERVE_THREADS,
+    max_body_mb: float = _SERVE_MAX_BODY_MB,
+) -> float:
+    """The peak resident memory of ``deploykit serve`` for a model of ``model_bytes`` (docs/serving.md):
+    the process and its sessions, the decode budget, and each handler thread's request body (twice: the body
+    and a copy while it is read)."""
+    model_mb = model_bytes / (1024 * 1024)
+    return SERVE_BASE_MB + SERVE_MB_PER_MODEL_MB * model_mb + decode_budget_mb + threads * 2 * max_body_mb
+
+
+def memory_quantity(peak_mb: float, headroom: float = 1.25) -> str:
+    """A Kubernetes memory quantity for ``peak_mb`` with ``headroom``, rounded up to 64 Mi."""
+    return f"{math.ceil(peak_mb * headroom / 64) * 64}Mi"
 
 
 def k8s_name(name: str) -> str:

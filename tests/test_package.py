@@ -365,6 +365,11 @@ def test_kserve_inference_service(shapes_onnx: Path, tmp_path: Path) -> None:
     assert model["storageUri"] == "gs://bucket/models/shapes-repo"
     assert set(model["resources"]) == {"requests", "limits"}
     assert {"cpu", "memory"} <= set(model["resources"]["requests"])
+    from deploykit.package import memory_quantity, serve_memory_mb
+
+    # Triton decodes no images: the estimate has no decode budget
+    expected = memory_quantity(serve_memory_mb(shapes_onnx.stat().st_size, decode_budget_mb=0))
+    assert model["resources"]["limits"]["memory"] == model["resources"]["requests"]["memory"] == expected
     # Only these keys exist in KServe's v1beta1 ModelSpec (+ the embedded core/v1 Container).
     assert set(model) <= {"modelFormat", "runtime", "protocolVersion", "storageUri", "runtimeVersion",
                           "resources", "env", "args", "ports"}
@@ -508,6 +513,17 @@ def test_k8s_manifests(shapes_onnx: Path, tmp_path: Path) -> None:
                            image="registry.example.com/shapes:1", graceful_timeout=DEFAULT_GRACEFUL_TIMEOUT)
     assert result.files == ("deployment.yaml", "hpa.yaml", "service.yaml")
     check_manifests(tmp_path / "k8s", name="shapes", image="registry.example.com/shapes:1")
+    # memory from the server's documented peak for this model, a quarter over it, request = limit
+    from deploykit.package import memory_quantity, serve_memory_mb
+
+    resources = load_yaml(tmp_path / "k8s/deployment.yaml")["spec"]["template"]["spec"]["containers"][0][
+        "resources"
+    ]
+    peak = serve_memory_mb(shapes_onnx.stat().st_size)
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == memory_quantity(peak)
+    assert int(resources["limits"]["memory"].removesuffix("Mi")) >= peak * 1.25
+    explicit = package_model(shapes_onnx, format="k8s", output_dir=tmp_path / "k2", memory="3Gi")
+    assert "3Gi" in (explicit.output_dir / "deployment.yaml").read_text()
 
 
 def test_k8s_grace_period_follows_the_timeouts(shapes_onnx: Path, tmp_path: Path) -> None:

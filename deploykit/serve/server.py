@@ -101,14 +101,16 @@ def run_server(config: ServeConfig, *, announce: Callable[[str], None] | None = 
 
 def _serve_until_signalled(run: Callable[[], Any]) -> threading.Event:
     """Run ``run`` (the server's loop) in a daemon thread until SIGTERM or SIGINT. Returns an event that a
-    second signal sets (stop at once instead of draining)."""
+    second signal sets (stop at once instead of draining). Signal handlers can only be installed from the
+    main thread: called from another, it serves until the process ends."""
     first, second = threading.Event(), threading.Event()
 
     def on_signal(_signum: int, _frame: Any) -> None:
         (second if first.is_set() else first).set()
 
     signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals} if in_main else {}
     loop = threading.Thread(target=run, name="deploykit-http", daemon=True)
     loop.start()
     try:

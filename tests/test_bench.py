@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import SHAPES_IMAGES, run_cli
 
-from deploykit.bench import BenchReport, bench_model
+from deploykit.bench import BenchReport, Measurement, bench_model
 from deploykit.errors import ExitCode, UsageError
 from deploykit.optimize import optimize_model
 
@@ -40,14 +40,40 @@ def test_bench_with_against_and_pytorch_eager(pair: tuple[Path, Path]) -> None:
     ratios = report.ratios
     expected = {("onnx", 1), ("onnx", 2), ("pytorch", 1), ("pytorch", 2)}
     assert {(r.engine, r.batch_size) for r in ratios} == expected
-    one = report.measurement("onnx", 2, 1)
-    base = report.measurement("against", 2, 1)
-    ratio = next(r for r in ratios if (r.engine, r.batch_size) == ("onnx", 2))
-    assert ratio.speedup == pytest.approx(one.throughput / base.throughput)
+    assert all(r.baseline == "against" and r.threads == 1 and r.speedup > 0 for r in ratios)
     text = str(report)
     assert "p99 ms" in text
     assert "pytorch eager" in text
     assert "int8" in text
+
+
+def _measured(engine: str, batch_size: int, throughput: float) -> Measurement:
+    latency = 1000 * batch_size / throughput
+    return Measurement(engine, engine, batch_size, 1, 10, latency, latency, latency, latency, throughput)
+
+
+def test_speedup_is_the_throughput_over_the_baselines(tmp_path: Path) -> None:
+    """Known throughputs, known answers: 300 img/s against a baseline of 100 is 3x, in the ratios, the JSON
+    and the table; a configuration the baseline was not measured at gets no ratio."""
+    report = BenchReport(
+        model=tmp_path / "m.int8.onnx", against=tmp_path / "m.onnx",
+        engines={"onnx": "int8 ONNX", "against": "fp32 ONNX (m.onnx)"},
+        measurements=(_measured("onnx", 1, 300.0), _measured("against", 1, 100.0),
+                      _measured("onnx", 8, 400.0), _measured("against", 8, 500.0),
+                      _measured("onnx", 16, 1.0)),
+        baseline="against", batch_sizes=(1, 8, 16), threads=(1,), warmup=0, duration=None, iterations=10,
+        machine={"cpu": "test", "cores": 2},
+    )
+    assert [(r.engine, r.baseline, r.batch_size, r.threads, r.speedup) for r in report.ratios] == [
+        ("onnx", "against", 1, 1, 3.0),
+        ("onnx", "against", 8, 1, 0.8),
+    ]
+    assert [r["speedup"] for r in report.to_dict()["ratios"]] == [3.0, 0.8]
+    rows = str(report).splitlines()
+    assert rows[1].endswith("vs fp32 ONNX")
+    assert rows[3].endswith("300.0  3.00x")
+    assert rows[5].endswith("400.0  0.80x")
+    assert rows[7].endswith("1.0")  # batch 16: no baseline to compare with
 
 
 def test_bench_without_torch_has_no_baseline(pair: tuple[Path, Path]) -> None:
@@ -122,14 +148,20 @@ def test_cli_bench_table(pair: tuple[Path, Path]) -> None:
 
 def test_cli_bench_usage_errors(pair: tuple[Path, Path], tmp_path: Path) -> None:
     int8, _ = pair
-    proc = run_cli("bench", str(int8), "--batch-size", "0")
+    for args, says in (
+        (["--batch-size", "0"], "Error: --batch-size values must be at least 1."),
+        (["--torch", "maybe"], "Error: --torch must be auto, on or off, got 'maybe'."),
+    ):
+        proc = run_cli("bench", str(int8), *args, env={"COLUMNS": "250"})
+        assert proc.returncode == ExitCode.USAGE, proc.stderr
+        assert proc.stderr.strip() == says  # one line, no traceback
+        assert proc.stdout == ""
+    missing = tmp_path / "missing.onnx"
+    proc = run_cli("bench", str(missing), env={"COLUMNS": "250"})
     assert proc.returncode == ExitCode.USAGE
-    assert "batch-size" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    proc = run_cli("bench", str(int8), "--torch", "maybe")
-    assert proc.returncode == ExitCode.USAGE
-    proc = run_cli("bench", str(tmp_path / "missing.onnx"))
-    assert proc.returncode == ExitCode.USAGE
+    assert "Usage: deploykit bench [OPTIONS]" in proc.stderr
+    assert f"Invalid value for 'model': file '{missing}' does not exist." in proc.stderr
+    assert proc.stdout == ""
 
 
 def test_cli_bench_checks_the_plot_path_before_measuring(pair: tuple[Path, Path], tmp_path: Path) -> None:

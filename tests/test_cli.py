@@ -202,10 +202,13 @@ def test_export_help_says_which_int8_file_optimize_writes() -> None:
 
 
 def test_no_arguments_shows_help() -> None:
-    proc = run_cli()
+    """No command is a usage error (exit 2), answered with the help: usage line, commands, exit codes."""
+    proc = run_cli(env={"COLUMNS": "200"})
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "export" in proc.stdout + proc.stderr
-    assert proc.returncode in (0, ExitCode.USAGE)
+    assert "Usage: deploykit [OPTIONS] COMMAND [ARGS]..." in proc.stdout
+    for word in ("export", "inspect", "verify", "serve", "predict", "bench", "package", "Exit codes"):
+        assert word in proc.stdout, word
 
 
 def test_export_list() -> None:
@@ -296,16 +299,23 @@ def test_unwritable_output(tmp_path: Path) -> None:
 
 
 def test_typer_validation_errors_exit_2(tmp_path: Path) -> None:
-    for args in (
-        ["export", "resnet18", "--labels", str(tmp_path / "missing.txt")],
-        ["export", "resnet18", "--mean", "0.5,0.5"],
-        ["export", "resnet18", "--static-batch", "many"],
-        ["inspect", str(tmp_path / "missing.onnx")],
-        ["export", "resnet18", "--no-such-option"],
+    """Typer's own validation: exit 2 with its usage message, naming the option and what is wrong."""
+    for args, says in (
+        (["export", "resnet18", "--labels", str(tmp_path / "missing.txt")],
+         ("Invalid value for '--labels'", "missing.txt' does not exist")),
+        (["export", "resnet18", "--mean", "0.5,0.5"],
+         ("Invalid value for --mean", "expected three comma-separated numbers, got '0.5,0.5'")),
+        (["export", "resnet18", "--static-batch", "many"], ("Invalid value for '--static-batch'",)),
+        (["inspect", str(tmp_path / "missing.onnx")], ("Invalid value for", "missing.onnx' does not exist")),
+        (["export", "resnet18", "--no-such-option"], ("No such option: --no-such-option",)),
     ):
-        proc = run_cli(*args, cwd=tmp_path)
+        proc = run_cli(*args, cwd=tmp_path, env={"COLUMNS": "250"})
         assert proc.returncode == ExitCode.USAGE, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+        assert proc.stdout == ""
+        assert f"Usage: deploykit {args[0]} [OPTIONS]" in proc.stderr, proc.stderr
+        for fragment in says:
+            assert fragment in proc.stderr, (args, proc.stderr)
     assert list(tmp_path.iterdir()) == []
 
 

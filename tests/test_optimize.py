@@ -182,9 +182,26 @@ def test_int8_torchvision_model(resnet18_onnx: Path, tmp_path: Path) -> None:
 
 
 def test_agreement_gate_passes_for_good_int8(shapes_parent: Path, shapes_int8: OptimizeResult) -> None:
+    """verify.md: with --min-top1-agreement alone the int8 model is judged by its predictions (the
+    element-wise tolerance is reported, not gated) against the fp32 parent run in ONNX Runtime."""
     proc = run_cli("verify", str(shapes_int8.path), "--against", str(shapes_parent),
-                   "--min-top1-agreement", "0.99")
+                   "--min-top1-agreement", "0.99", "--json")
     assert proc.returncode == ExitCode.OK, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] is True
+    assert report["mode"] == "onnx"
+    assert report["tolerance"] == {"atol": 1e-4, "rtol": 1e-3, "gated": False, "min_top1_agreement": 0.99}
+    assert {c["name"]: c["status"] for c in report["checks"]} == {
+        "checker": "passed", "runtime/cpu": "passed", "card": "passed", "source": "passed", "batch": "passed",
+        "random@1": "passed", "random@4": "passed", "images": "passed", "fingerprint": "passed",
+    }
+    assert _images_agreement(report) >= 0.99
+    human = run_cli("verify", str(shapes_int8.path), "--against", str(shapes_parent),
+                    "--min-top1-agreement", "0.99")
+    assert human.returncode == ExitCode.OK, human.stderr
+    verdict = human.stdout.splitlines()[-1]
+    assert verdict == f"PASSED: verification passed: 9 checks against ONNX {shapes_parent}"
+    assert "not gated" in human.stdout
 
 
 def _images_agreement(report: dict) -> float:
@@ -285,3 +302,46 @@ def test_cli_export_quantize_json(tmp_path: Path) -> None:
     assert optimized["calibration"]["images"] == 12
     assert set(optimized["agreement"]) == {"top1", "top5", "max_abs_prob_diff", "images"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes.int8.opt.onnx", "shapes.onnx"]
+
+
+@pytest.mark.slow
+def test_cli_export_precision_fp16(tmp_path: Path, shapes_images: list[Path]) -> None:
+    """`export --precision fp16` from the command line: the fp32 file and <stem>.fp16.onnx beside it, half
+    weights with fp32 inputs and outputs, its own card, checked against the fp32 file."""
+    target = tmp_path / "shapes.onnx"
+    proc = run_cli("export", SHAPES_FACTORY, "-o", str(target), "--precision", "fp16", "--json")
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    summary = json.loads(proc.stdout)
+    optimized = summary["optimized"]
+    half = tmp_path / "shapes.fp16.onnx"
+    assert _files(tmp_path) == ["shapes.fp16.onnx", "shapes.onnx"]
+    assert summary["path"] == str(target)
+    assert optimized["path"] == str(half)
+    assert optimized["parent"] == str(target)
+    assert optimized["steps"] == ["fp16"]
+    assert optimized["precision"] == "fp16"
+    assert optimized["calibration"] is None
+    assert optimized["method"]["keep_io_types"] is True
+    assert optimized["agreement"]["top1"] == 1.0
+    assert optimized["agreement"]["images"] == 12
+    assert optimized["size_bytes"] < optimized["parent_size_bytes"] * 0.6
+    assert read_card(target).precision == "fp32"
+    card = read_card(half)
+    assert card.precision == "fp16"
+    model = onnx.load(str(half))
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    predictor = Predictor.open(half)
+    assert check_fingerprint(card, lambda x: predictor.run(x)[0])
+    top = predictor.predict_images([load_image(p) for p in shapes_images], k=1)
+    assert [row[0].label for row in top] == [p.stem.rsplit("_", 1)[0] for p in shapes_images]
+
+
+def test_cli_export_unknown_precision_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run_cli("export", SHAPES_FACTORY, "-o", str(tmp_path / "shapes.onnx"), "--precision", "bf16")
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr.strip() == (
+        "Error: Unknown --precision 'bf16'; choose fp32 or fp16 (int8 is --quantize int8)."
+    )
+    assert proc.stdout == ""
+    assert _files(tmp_path) == []

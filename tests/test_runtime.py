@@ -52,11 +52,14 @@ def test_top_k_is_clamped_and_labelled() -> None:
     assert top_k(probabilities, 1, ["a"])[0][0].label == "1", "missing labels fall back to the index"
 
 
-def test_unavailable_provider_lists_the_available_ones(shapes_onnx: Path) -> None:
+def test_unavailable_provider_lists_the_available_ones(
+    shapes_onnx: Path, absent_provider: tuple[str, str]
+) -> None:
+    short, full = absent_provider
     with pytest.raises(UsageError) as info:
-        Predictor.open(shapes_onnx, SessionOptions(providers=("cuda",)))
+        Predictor.open(shapes_onnx, SessionOptions(providers=(short,)))
     message = str(info.value)
-    assert "Requested provider 'cuda' (CUDAExecutionProvider) is not available" in message
+    assert f"Requested provider {short!r} ({full}) is not available" in message
     assert f"available providers are {', '.join(available_providers())}" in message
     assert "CPUExecutionProvider" in message
     assert info.value.exit_code == ExitCode.USAGE

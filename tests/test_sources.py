@@ -462,20 +462,22 @@ def test_cached_weights_for_another_architecture(tmp_path: Path, monkeypatch: py
         resolve_source("resnet18", weights="DEFAULT")
 
 
-def test_weights_unavailable_offline(tmp_path: Path) -> None:
-    """Nothing cached and no network: exit 1, one line naming every remedy, nothing written."""
+def test_weights_unavailable_offline(tmp_path: Path, refused_downloads: dict[str, str]) -> None:
+    """Nothing cached and the download refused (as offline, whether or not this machine has a network):
+    exit 1, one line naming every remedy, nothing written."""
     work = tmp_path / "work"
     work.mkdir()
     home = tmp_path / "empty_torch_home"
     proc = run_cli(
-        "export", "resnet18", "--weights", "DEFAULT", env={"TORCH_HOME": str(home)}, cwd=work, timeout=120
+        "export", "resnet18", "--weights", "DEFAULT", env={"TORCH_HOME": str(home), **refused_downloads},
+        cwd=work, timeout=120,
     )
     assert proc.returncode == ExitCode.ERROR, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     message = lines[0]
-    assert "resnet18.IMAGENET1K_V1" in message
+    assert "resnet18.IMAGENET1K_V1 are not cached and could not be downloaded" in message
     assert "--weights none" in message
     assert "--weights PATH" in message
     assert str(home / "hub" / "checkpoints") in message

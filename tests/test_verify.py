@@ -15,7 +15,7 @@ from conftest import EXAMPLES, SHAPES_FACTORY, run_cli
 from onnx import numpy_helper
 
 from deploykit.card import CARD_KEY, ModelCard, TensorSpec, read_card, write_card
-from deploykit.errors import ModelNotFoundError, UsageError
+from deploykit.errors import ExitCode, ModelNotFoundError, UsageError
 from deploykit.verify import ParityReport, verify_model
 
 OUTPUT_FIELDS = {"name", "shape", "reference_shape", "dtype", "reference_dtype", "max_abs_diff",
@@ -490,6 +490,8 @@ def test_fingerprint_only_checks_a_frozen_batch_at_its_own_batch(static1_onnx: P
 # ----------------------------------------------------------------------------------------------------------
 # Usage errors.
 
+ABSENT = "absent"  # stands for the absent_provider fixture's provider in a parameter list
+
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"atol": -1.0}, "--atol and --rtol"),
@@ -497,12 +499,28 @@ def test_fingerprint_only_checks_a_frozen_batch_at_its_own_batch(static1_onnx: P
     ({"rtol": float("nan")}, "--atol and --rtol must be finite"),
     ({"min_top1_agreement": 95.0}, "between 0 and 1"),
     ({"batch_sizes": (0,)}, "at least 1"),
-    ({"providers": ("cuda",)}, "available providers are"),
+    ({"providers": ABSENT}, "is not available; available providers are"),
     ({"fingerprint_only": True, "against": "resnet18"}, "takes no --against"),
 ])
-def test_bad_values_are_usage_errors(shapes_onnx: Path, kwargs: dict, message: str) -> None:
+def test_bad_values_are_usage_errors(
+    shapes_onnx: Path, kwargs: dict, message: str, absent_provider: tuple[str, str]
+) -> None:
+    if kwargs.get("providers") == ABSENT:  # whichever provider this onnxruntime build lacks
+        kwargs = {**kwargs, "providers": (absent_provider[0],)}
     with pytest.raises(UsageError, match=message):
         verify_model(shapes_onnx, **kwargs)
+
+
+def test_unavailable_provider_is_a_usage_error_before_any_check(
+    shapes_onnx: Path, absent_provider: tuple[str, str]
+) -> None:
+    short, full = absent_provider
+    result = run_cli("verify", str(shapes_onnx), "--provider", short)
+    assert result.returncode == ExitCode.USAGE
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"Requested provider {short!r} ({full}) is not available" in lines[0]
+    assert result.stdout == ""
 
 
 def test_empty_images_folder_is_a_usage_error(shapes_onnx: Path, tmp_path: Path) -> None:

@@ -151,7 +151,13 @@ class Listener(socket.socket):
         from deploykit.errors import DeployKitError
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = cls(family, socket.SOCK_STREAM)
+        try:
+            sock = cls(family, socket.SOCK_STREAM)  # no IPv6 on this machine: one line, like the others
+        except OSError as exc:
+            raise DeployKitError(
+                f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
+                hint="Give --host an address of this machine (127.0.0.1, or 0.0.0.0 for every interface).",
+            ) from None
         sock.busy = 0
         sock.last_activity = time.monotonic()
         sock.lock = threading.Lock()

@@ -13,6 +13,10 @@ import pytest
 from deploykit.runtime import Predictor
 from deploykit.serve.batching import Batcher, QueueFull, RequestTimeout
 
+#: Seconds a held call waits for its gate: the test opens it long before, unless the test has already failed
+#: (a gate that opened by itself after a few seconds would let a busy machine decide the outcome).
+HOLD = 60.0
+
 
 @pytest.fixture(scope="module")
 def predictor(shapes_onnx: Path) -> Predictor:
@@ -31,14 +35,14 @@ def test_concurrent_requests_share_a_call_and_get_their_own_rows(predictor: Pred
     def run(batch: np.ndarray) -> list[np.ndarray]:
         if not first_rows:
             first_rows.append(batch.shape[0])
-        gate.wait(5)  # hold the first call so that the others queue up behind it
+        gate.wait(HOLD)  # hold the first call so that the others queue up behind it
         calls.append(batch.shape[0])
         return predictor.run(batch)
 
     batcher = Batcher(run, name="shapes", max_batch_size=8, max_delay=0.05, max_queue=64)
     arrays = [_inputs(1, seed) for seed in range(7)]
     with ThreadPoolExecutor(7) as pool:
-        futures = [pool.submit(batcher.submit, a, 10.0) for a in arrays]
+        futures = [pool.submit(batcher.submit, a, HOLD) for a in arrays]
         # the first call may already have taken more than one request
         deadline = time.monotonic() + 10
         while not first_rows or batcher.queued < 7 - first_rows[0]:
@@ -57,20 +61,22 @@ def test_concurrent_requests_share_a_call_and_get_their_own_rows(predictor: Pred
 def test_full_queue_raises_at_once(predictor: Predictor) -> None:
     gate = threading.Event()
 
+    taken = threading.Event()
+
     def run(batch: np.ndarray) -> list[np.ndarray]:
-        gate.wait(5)
+        taken.set()
+        gate.wait(HOLD)
         return predictor.run(batch)
 
     batcher = Batcher(run, name="shapes", max_batch_size=1, max_delay=0, max_queue=1)
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(batcher.submit, _inputs(1), 10.0)
-        while batcher.queued:  # wait until the batcher took the first one
-            threading.Event().wait(0.01)
-        queued = pool.submit(batcher.submit, _inputs(1), 10.0)
+        running = pool.submit(batcher.submit, _inputs(1), HOLD)
+        assert taken.wait(HOLD)  # the batcher took the first one, and holds it
+        queued = pool.submit(batcher.submit, _inputs(1), HOLD)
         while not batcher.queued:
             threading.Event().wait(0.01)
         with pytest.raises(QueueFull) as info:
-            batcher.submit(_inputs(1), 10.0)
+            batcher.submit(_inputs(1), HOLD)
         assert info.value.status == 503
         assert info.value.headers["Retry-After"]
         gate.set()
@@ -83,7 +89,7 @@ def test_timeout(predictor: Predictor) -> None:
     gate = threading.Event()
 
     def run(batch: np.ndarray) -> list[np.ndarray]:
-        gate.wait(5)
+        gate.wait(HOLD)
         return predictor.run(batch)
 
     batcher = Batcher(run, name="shapes", max_batch_size=1, max_delay=0, max_queue=4)
@@ -91,7 +97,7 @@ def test_timeout(predictor: Predictor) -> None:
         batcher.submit(_inputs(1), 0.05)
     assert info.value.status == 504
     gate.set()
-    assert batcher.submit(_inputs(1), 5.0).outputs[0].shape == (1, 6)
+    assert batcher.submit(_inputs(1), HOLD).outputs[0].shape == (1, 6)
     batcher.close()
 
 
@@ -101,13 +107,13 @@ def test_a_queued_request_times_out(predictor: Predictor) -> None:
 
     def run(batch: np.ndarray) -> list[np.ndarray]:
         running.set()
-        gate.wait(5)
+        gate.wait(HOLD)
         return predictor.run(batch)
 
     batcher = Batcher(run, name="shapes", max_batch_size=1, max_delay=0, max_queue=4)
     with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(batcher.submit, _inputs(1), 10.0)  # taken at once, held by the gate
-        assert running.wait(5)
+        first = pool.submit(batcher.submit, _inputs(1), HOLD)  # taken at once, held by the gate
+        assert running.wait(HOLD)
         # queued behind it; the later one times out first, and leaves a queue that still holds the other
         queued = [pool.submit(batcher.submit, _inputs(1), 0.5)]
         deadline = time.monotonic() + 10
@@ -122,7 +128,7 @@ def test_a_queued_request_times_out(predictor: Predictor) -> None:
         assert batcher.queued == 0  # the abandoned requests left the queue
         gate.set()
         assert first.result().outputs[0].shape == (1, 6)
-    assert batcher.submit(_inputs(1), 5.0).outputs[0].shape == (1, 6)
+    assert batcher.submit(_inputs(1), HOLD).outputs[0].shape == (1, 6)
     batcher.close()
 
 
@@ -135,7 +141,7 @@ def test_static_batch_model_is_split_and_padded(predictor: Predictor) -> None:
 
     batcher = Batcher(run, name="shapes", max_batch_size=8, max_delay=0, max_queue=4, static_batch=2)
     array = _inputs(3)
-    result = batcher.submit(array, 5.0)
+    result = batcher.submit(array, HOLD)
     batcher.close()
     assert seen == [2, 2]
     np.testing.assert_allclose(result.outputs[0], predictor.run(array)[0], rtol=1e-4, atol=1e-4)
@@ -144,13 +150,13 @@ def test_static_batch_model_is_split_and_padded(predictor: Predictor) -> None:
 def test_inference_error_reaches_the_caller(predictor: Predictor) -> None:
     batcher = Batcher(predictor.run, name="shapes", max_batch_size=4, max_delay=0, max_queue=4)
     with pytest.raises(Exception, match="input"):
-        batcher.submit(np.zeros((1, 3, 5, 5), dtype=np.float32), 5.0)
-    assert batcher.submit(_inputs(1), 5.0).outputs[0].shape == (1, 6)
+        batcher.submit(np.zeros((1, 3, 5, 5), dtype=np.float32), HOLD)
+    assert batcher.submit(_inputs(1), HOLD).outputs[0].shape == (1, 6)
     batcher.close()
 
 
 def test_instances_run_side_by_side_and_batch_once_all_are_busy(predictor: Predictor) -> None:
-    both_running = threading.Barrier(2, timeout=10)  # passes only if two calls are in flight at once
+    both_running = threading.Barrier(2, timeout=HOLD)  # passes only if two calls are in flight at once
     gate = threading.Event()
     calls: list[int] = []
     in_flight = [0, 0]  # now, most
@@ -164,7 +170,7 @@ def test_instances_run_side_by_side_and_batch_once_all_are_busy(predictor: Predi
             in_flight[1] = max(in_flight)
         if first_two:
             both_running.wait()
-            gate.wait(10)  # keep both instances busy while the next requests queue up
+            gate.wait(HOLD)  # keep both instances busy while the next requests queue up
         outputs = predictor.run(batch)
         with lock:
             in_flight[0] -= 1
@@ -173,10 +179,10 @@ def test_instances_run_side_by_side_and_batch_once_all_are_busy(predictor: Predi
     batcher = Batcher(run, name="shapes", max_batch_size=8, max_delay=0.05, max_queue=64, instances=2)
     arrays = [_inputs(1, seed) for seed in range(8)]
     with ThreadPoolExecutor(8) as pool:
-        first = [pool.submit(batcher.submit, a, 20.0) for a in arrays[:2]]
+        first = [pool.submit(batcher.submit, a, HOLD) for a in arrays[:2]]
         while len(calls) < 2:
             threading.Event().wait(0.01)
-        rest = [pool.submit(batcher.submit, a, 20.0) for a in arrays[2:]]
+        rest = [pool.submit(batcher.submit, a, HOLD) for a in arrays[2:]]
         while batcher.queued < 6:
             threading.Event().wait(0.01)
         gate.set()
@@ -206,7 +212,7 @@ def test_one_instance_never_runs_two_calls_at_once(predictor: Predictor) -> None
 
     batcher = Batcher(run, name="shapes", max_batch_size=1, max_delay=0, max_queue=64)
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda seed: batcher.submit(_inputs(1, seed), 20.0), range(6)))
+        results = list(pool.map(lambda seed: batcher.submit(_inputs(1, seed), HOLD), range(6)))
     batcher.close()
     assert len(results) == 6
     assert most[0] == 1
@@ -222,7 +228,7 @@ def test_a_lone_call_runs_solo_and_calls_side_by_side_share(predictor: Predictor
             used.append(kind)
             if len(used) == 1:
                 first_running.set()
-                release.wait(10)  # hold the first call while the second request arrives
+                release.wait(HOLD)  # hold the first call while the second request arrives
             return predictor.run(batch)
 
         return run
@@ -240,15 +246,15 @@ def test_a_lone_call_runs_solo_and_calls_side_by_side_share(predictor: Predictor
     )
     arrays = [_inputs(1, seed) for seed in range(4)]
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(batcher.submit, arrays[0], 20.0)
-        assert first_running.wait(10)
+        first = pool.submit(batcher.submit, arrays[0], HOLD)
+        assert first_running.wait(HOLD)
         # answered while the first call is still held: it ran on the other instance, with the shared session
-        second = batcher.submit(arrays[1], 20.0)
+        second = batcher.submit(arrays[1], HOLD)
         release.set()
         results = [first.result(timeout=20), second]
-    results.append(batcher.submit(arrays[2], 20.0))  # alone again
+    results.append(batcher.submit(arrays[2], HOLD))  # alone again
     with batcher.incoming():  # another request is being decoded: this call must leave it a core
-        results.append(batcher.submit(arrays[3], 20.0))
+        results.append(batcher.submit(arrays[3], HOLD))
     batcher.close()
     assert used == ["solo", "shared", "solo", "shared"]
     assert sorted(seen) == [False, False, True, True]  # what the metrics count
@@ -266,6 +272,6 @@ def test_without_a_solo_session_every_call_uses_run(predictor: Predictor) -> Non
         max_queue=8,
         on_batch=lambda _rows, _seconds, solo: seen.append(solo),
     )
-    batcher.submit(_inputs(1), 5.0)
+    batcher.submit(_inputs(1), HOLD)
     batcher.close()
     assert seen == [False]

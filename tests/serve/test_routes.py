@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,8 +200,8 @@ def test_a_bad_image_in_a_batch_is_named(client: FlaskClient, shapes_images: lis
     r = client.post(
         "/predict", json={"images": [base64.b64encode(good).decode(), base64.b64encode(b"xx").decode()]}
     )
-    assert r.status_code in (400, 415)
-    assert r.json["error"].startswith("image 2 of 2: ")
+    assert r.status_code == 415  # two bytes that are no image format: "not an image"
+    assert r.json["error"].startswith("image 2 of 2: The data is not an image")
 
 
 def test_paths_with_doubled_slashes_are_the_same_routes(
@@ -573,19 +576,54 @@ def test_static_batch_model(tmp_path: Path, shapes_images: list[Path]) -> None:
 
 
 def test_background_loading_not_ready_then_requests_wait(
-    resnet18_onnx: Path, shapes_images: list[Path]
+    resnet18_onnx: Path, shapes_images: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """While the models load (held at a gate until the test opens it), liveness answers, readiness is a 503
+    that says so, and a prediction that arrives meanwhile waits for the model instead of failing."""
+    from deploykit.serve import registry as registry_module
+
+    loading_started, gate = threading.Event(), threading.Event()
+    open_predictors = registry_module.open_predictors
+
+    def held_open(*args: Any, **kwargs: Any) -> Any:
+        loading_started.set()
+        assert gate.wait(60), "the test never let the model load"
+        return open_predictors(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "open_predictors", held_open)
     app = make_app(("resnet18", resnet18_onnx), load_in_background=True)
     client = app.test_client()
-    assert not registry_of(app).loaded.is_set()  # resnet18 takes far longer to load than this line
-    assert client.get("/v2/health/live").status_code == 200
-    loading = client.get("/v2/health/ready")
-    assert loading.status_code == 503
-    assert "loading" in loading.json["error"]
-    # a prediction that arrives while the worker loads waits for it instead of failing
-    r = client.post("/predict", data=shapes_images[0].read_bytes(), content_type="image/jpeg")
-    assert r.status_code == 200
-    assert client.get("/v2/health/ready").status_code == 200
+    try:
+        assert loading_started.wait(60)
+        assert not registry_of(app).loaded.is_set()
+        assert client.get("/v2/health/live").status_code == 200
+        loading = client.get("/v2/health/ready")
+        assert loading.status_code == 503
+        assert loading.json["error"] == "The models are still loading."
+        image = shapes_images[0].read_bytes()
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(app.test_client().post, "/predict", data=image, content_type="image/jpeg")
+            # the prediction is in the app (in flight beside the scrape that reads the gauge), and cannot be
+            # answered while the model is held
+            while _in_flight(client) < 2:
+                assert not waiting.done(), waiting.result().json
+                threading.Event().wait(0.01)
+            assert not waiting.done()
+            gate.set()
+            r = waiting.result(timeout=60)
+        assert r.status_code == 200, r.json
+        assert r.json["model"] == "resnet18"
+        assert client.get("/v2/health/ready").status_code == 200
+    finally:
+        gate.set()
+        registry_of(app).close()
+
+
+def _in_flight(client: FlaskClient) -> float:
+    for line in client.get("/metrics").get_data(as_text=True).splitlines():
+        if line.startswith("deploykit_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no deploykit_requests_in_flight in /metrics")
 
 
 def test_answers_are_strict_json_and_options_finite(shapes_onnx: Path) -> None:

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DEMO_DIR ?= demo-out
 PORT ?= 5057
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install browser demo test lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/demo.py --out $(DEMO_DIR) --port $(PORT)
 
-test: install
+# The web page tests drive a real headless Chromium: installed with apt-get where it is missing.
+browser:
+	scripts/ensure-chromium
+
+test: install browser
 	$(PY) -m pytest -q
 	$(PY) -m ruff check deploykit tests benchmarks examples
 	$(PY) -m mypy deploykit

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -164,12 +165,16 @@ class Page:
 
 
 def find_chromium() -> str:
+    """$DEPLOYKIT_CHROMIUM, else the first Chrome or Chromium on PATH (`make test` installs one)."""
+    configured = os.environ.get("DEPLOYKIT_CHROMIUM")
+    if configured:
+        return configured
     for name in CHROMIUM_CANDIDATES:
         found = shutil.which(name)
         if found:
             return found
-    pytest.fail("Chromium is not installed, and the web page tests need a real browser. Install it with "
-                "`apt-get install -y chromium` (Debian; .ci/run does this) or put chromium on PATH.",
+    pytest.fail("Chromium is not installed, and the web page tests need a real browser. `make test` installs "
+                "it where apt-get exists; or set DEPLOYKIT_CHROMIUM to a Chrome or Chromium binary.",
                 pytrace=False)
 
 

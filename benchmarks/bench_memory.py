@@ -73,7 +73,7 @@ def run(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [python(), "-m", "deploykit", "serve", str(model), "--port", str(port), *serve_args]
-    server = ServerProcess(cmd, url=url, log_path=workdir / f"{scenario}.log")
+    server = ServerProcess(cmd, url=url, log_path=workdir / f"{scenario}.log", cwd=workdir)
     try:
         server.wait_until(lambda: requests.get(url + "/v2/health/ready", timeout=2).status_code == 200)
         idle = server.rss_mb()

@@ -137,6 +137,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
     seed: int = DEFAULT_SEED,
+    num_classes: int | None = None,
     name: str | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -145,8 +146,10 @@ def export_model(
     """Export MODEL to ONNX with its model card, check it, and write it atomically.
 
     Args:
-        model: torchvision name, checkpoint/TorchScript path, or factory (see ``resolve_source``).
+        model: torchvision name, ``timm:NAME``, ``hf:ORG/NAME`` or a Transformers folder, checkpoint or
+            TorchScript path, or factory (see ``resolve_source``).
         output: target path; default ``<name>.onnx`` in the current folder.
+        num_classes: timm and Hugging Face models: the class count of a fine-tuned head.
         static_batch: fix the batch dimension to this size instead of a dynamic one.
         exporter: ``auto`` (dynamo, falling back to TorchScript), ``dynamo`` or ``torchscript``.
         atol, rtol: tolerance of the PyTorch vs ONNX Runtime check at batch 1 and 3.
@@ -176,7 +179,8 @@ def export_model(
 
     started = time.perf_counter()
     say(f"Loading {model}")
-    loaded = resolve_source(model, arch=arch, weights=weights, trust_pickle=trust_pickle, seed=seed)
+    loaded = resolve_source(model, arch=arch, weights=weights, trust_pickle=trust_pickle, seed=seed,
+                            num_classes=num_classes)
     preprocess = _preprocess(loaded.preprocess, input_size=input_size, resize=resize, mean=mean, std=std)
     target = Path(output) if output else Path(f"{_safe_name(name or loaded.name)}.onnx")
 

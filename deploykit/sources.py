@@ -15,6 +15,7 @@ import io
 import socket
 import sys
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,22 +77,38 @@ def suggest(name: str, choices: list[str]) -> str:
 
 
 def resolve_source(spec: str, *, arch: str | None = None, weights: str | None = "DEFAULT",
-                   trust_pickle: bool = False, seed: int = DEFAULT_SEED) -> LoadedModel:
+                   trust_pickle: bool = False, seed: int = DEFAULT_SEED,
+                   num_classes: int | None = None) -> LoadedModel:
     """Resolve a MODEL spec to a module.
 
     Args:
-        spec: a torchvision model name, a checkpoint or TorchScript file, or a factory ``pkg.mod:fn`` /
-            ``path/file.py:fn``.
+        spec: a torchvision model name, ``timm:NAME``, ``hf:ORG/NAME`` or a Transformers ``save_pretrained``
+            folder, a checkpoint or TorchScript file, or a factory ``pkg.mod:fn`` / ``path/file.py:fn``.
         arch: the architecture (torchvision name or factory) for a state-dict checkpoint.
-        weights: for torchvision names: ``DEFAULT``, an enum name, ``none`` or a state-dict path.
+        weights: for torchvision and timm names: ``DEFAULT``, an enum name (torchvision), ``none`` or a
+            state-dict path.
         trust_pickle: allow unpickling a full model object (runs code from the file).
         seed: the seed for random initialisation when ``weights`` is ``none``.
+        num_classes: timm and Hugging Face: the class count of a fine-tuned head.
 
     Raises:
         ModelNotFoundError, UsageError, WeightsUnavailableError, MissingExtraError.
     """
-    torch = _torch()
+    if num_classes is not None and num_classes < 1:
+        raise UsageError(f"--num-classes must be at least 1, got {num_classes}.")
+    if spec.startswith(TIMM_PREFIX):
+        return _from_timm(spec[len(TIMM_PREFIX):], weights=weights, seed=seed, num_classes=num_classes)
     path = Path(spec)
+    if spec.startswith(HF_PREFIX) or is_hf_folder(path):
+        return _from_hf(spec, weights=weights, num_classes=num_classes, seed=seed)
+    if path.is_dir():
+        raise ModelNotFoundError(f"{spec!r} is a folder without config.json, so not a Hugging Face "
+                                 "save_pretrained folder.",
+                                 hint="Pass the folder save_pretrained wrote, or a model file.")
+    if num_classes is not None:
+        raise UsageError("--num-classes applies to timm: and Hugging Face models only.",
+                         hint="A torchvision --weights PATH or checkpoint brings its own class count.")
+    torch = _torch()
     if ":" in spec and not path.exists() and not (len(spec) > 1 and spec[1] == ":" and path.suffix):
         return _from_factory(spec, weights=weights, seed=seed)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES or path.exists():
@@ -151,7 +168,7 @@ def _from_torchvision(name: str, *, weights: str | None, seed: int) -> LoadedMod
     elif Path(choice).suffix.lower() in CHECKPOINT_SUFFIXES or Path(choice).is_file():
         state = _load_state_dict(Path(choice))
         module = _build_fitting(lambda **kw: torchvision.models.get_model(name, weights=None, **kw), state,
-                                name)
+                                name, Path(choice), target=name)
         source = Source(kind="torchvision", name=name, weights="file", path=str(Path(choice).resolve()),
                         sha256=sha256_file(choice))
         meta_weights = default
@@ -161,10 +178,10 @@ def _from_torchvision(name: str, *, weights: str | None, seed: int) -> LoadedMod
         module = torchvision.models.get_model(name, weights=None, **_weights_kwargs(name, meta_weights))
         try:
             module.load_state_dict(state)
-        except RuntimeError as exc:
+        except Exception as exc:  # RuntimeError for keys and shapes; a module's own check raises any type
             raise WeightsUnavailableError(
                 f"The cached weights for {name}.{meta_weights.name} do not fit the model: "
-                f"{_mismatch(module, state)}.",
+                f"{_mismatch(module, state) or one_line(exc, with_type=True)}.",
                 hint=f"Delete {_cache_file(meta_weights)} to download it again, or use --weights none or "
                 "PATH.",
             ) from exc
@@ -217,7 +234,7 @@ def _fetch_weights(weights: Any, name: str) -> dict[str, Any]:
     cache = _cache_file(weights)
     if cache.is_file():
         try:
-            return dict(weights.get_state_dict(progress=False, check_hash=True))
+            return _state_of(weights.get_state_dict(progress=False, check_hash=True))
         except Exception as exc:  # torch.load raises RuntimeError, UnpicklingError, EOFError... on a bad file
             raise WeightsUnavailableError(
                 f"The cached weights file {str(cache)!r} cannot be read ({one_line(exc, with_type=True)}).",
@@ -228,7 +245,7 @@ def _fetch_weights(weights: Any, name: str) -> dict[str, Any]:
     try:
         # torch.hub prints "Downloading: ..." on stdout, which may carry --json.
         with contextlib.redirect_stdout(io.StringIO()):
-            return dict(weights.get_state_dict(progress=False, check_hash=True))
+            return _state_of(weights.get_state_dict(progress=False, check_hash=True))
     except (OSError, RuntimeError) as exc:  # URLError/timeouts are OSErrors; a bad hash is a RuntimeError
         if isinstance(exc, RuntimeError) and "hash" not in str(exc).lower():
             raise
@@ -241,6 +258,11 @@ def _fetch_weights(weights: Any, name: str) -> dict[str, Any]:
         ) from exc
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _state_of(state: Any) -> dict[str, Any]:
+    """A state dict from a loader as a dict of its own, its ``_metadata`` (module versions) kept."""
+    return _with_metadata(dict(state), getattr(state, "_metadata", None))
 
 
 def _load_state_dict(path: Path) -> dict[str, Any]:
@@ -259,6 +281,11 @@ def _load_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+    """The mapping of parameter names to tensors inside a checkpoint, with its ``_metadata`` kept.
+
+    ``torch.save(model.state_dict())`` stores each module's version in ``_metadata``; modules whose
+    ``_load_from_state_dict`` reads it (MNASNet, BatchNorm's older layouts) fail or load wrongly without it.
+    """
     torch = _torch()
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
@@ -267,12 +294,49 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
                 break
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
-            return {k.removeprefix("module."): v for k, v in tensors.items()}
+            return _with_metadata({k.removeprefix("module."): v for k, v in tensors.items()},
+                                  getattr(obj, "_metadata", None), strip="module")
     raise UsageError(f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors).")
 
 
+def _with_metadata(tensors: dict[str, Any], metadata: Any, *, strip: str = "") -> dict[str, Any]:
+    """``tensors`` as an OrderedDict carrying ``metadata`` (module versions), its keys stripped like theirs.
+
+    A DataParallel wrapper's entries are ``module`` and ``module.x``; they become ``""`` and ``x``, and win
+    over the wrapper's own root entry.
+    """
+    state: OrderedDict[str, Any] = OrderedDict(tensors)
+    if isinstance(metadata, dict):
+        kept: OrderedDict[str, Any] = OrderedDict()
+        for key, value in metadata.items():
+            if strip and (key == strip or key.startswith(strip + ".")):
+                kept[key[len(strip) + 1:]] = value
+            else:
+                kept.setdefault(key, value)
+        state._metadata = kept  # type: ignore[attr-defined]
+    return state
+
+
+def _load_into(module: Any, state: dict[str, Any], *, what: str, hint: str) -> None:
+    """``module.load_state_dict(state)`` (strict); any failure becomes one ``UsageError`` line.
+
+    ``what`` names the file and the target ("The state dict 'x.pt' does not fit --arch resnet18"); the
+    message goes on with the missing/unexpected keys and shape mismatches, or the module's own message when
+    those match (a module that checks versions or values itself raises what it likes).
+    """
+    try:
+        module.load_state_dict(state)
+    except Exception as exc:  # RuntimeError for keys and shapes; a module's own check raises any type
+        mismatch = _mismatch(module, state)
+        reason = mismatch if mismatch else one_line(exc, with_type=True)
+        raise UsageError(f"{what}: {reason}.", hint=hint) from exc
+
+
 def _mismatch(module: Any, state: dict[str, Any], limit: int = 3) -> str:
-    """Why ``state`` does not load into ``module``: missing/unexpected keys and shape differences, briefly."""
+    """Why ``state`` does not load into ``module``: missing/unexpected keys and shape differences, briefly.
+
+    Empty when the keys and shapes match (then the module's own check failed).
+    """
     expected = module.state_dict()
 
     def some(keys: list[str]) -> str:
@@ -290,7 +354,7 @@ def _mismatch(module: Any, state: dict[str, Any], limit: int = 3) -> str:
         parts.append(f"{len(unexpected)} unexpected key(s) ({some(unexpected)})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatch(es) ({some(shapes)})")
-    return "; ".join(parts) or "the keys and shapes match, but loading failed"
+    return "; ".join(parts)
 
 
 def _num_classes(state: dict[str, Any]) -> int | None:
@@ -300,8 +364,12 @@ def _num_classes(state: dict[str, Any]) -> int | None:
     return int(state[candidates[-1]].shape[0]) if candidates else None
 
 
-def _build_fitting(build: Any, state: dict[str, Any], arch: str) -> torch.nn.Module:
-    """Build ``arch`` with the class count the state dict implies and load it strictly."""
+def _build_fitting(build: Any, state: dict[str, Any], arch: str, path: Path, *,
+                   target: str | None = None) -> torch.nn.Module:
+    """Build ``arch`` with the class count the state dict implies and load it strictly.
+
+    ``target`` is how the message names the architecture (default ``--arch ARCH``).
+    """
     num_classes = _num_classes(state)
     kwargs: dict[str, Any] = {"num_classes": num_classes} if num_classes else {}
     if arch.startswith(("inception", "googlenet")):
@@ -310,13 +378,8 @@ def _build_fitting(build: Any, state: dict[str, Any], arch: str) -> torch.nn.Mod
         module = build(**kwargs)
     except TypeError:
         module = build()
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UsageError(
-            f"The state dict does not fit --arch {arch}: {_mismatch(module, state)}.",
-            hint="Pass the architecture the checkpoint was trained with.",
-        ) from exc
+    _load_into(module, state, what=f"The state dict {str(path)!r} does not fit {target or '--arch ' + arch}",
+               hint="Pass the architecture the checkpoint was trained with.")
     return module
 
 
@@ -370,7 +433,7 @@ def _from_file(path: Path, *, arch: str | None, trust_pickle: bool, seed: int) -
             "pkg.module:function).",
         )
     if ":" in arch:
-        base = _from_factory(arch, weights="none", seed=seed, state=state)
+        base = _from_factory(arch, weights="none", seed=seed, state=state, state_path=path)
         return LoadedModel(module=base.module, name=name,
                            source=Source(kind="checkpoint", arch=arch, weights="file",
                                          path=str(path.resolve()), sha256=digest,
@@ -382,7 +445,8 @@ def _from_file(path: Path, *, arch: str | None, trust_pickle: bool, seed: int) -
     if arch not in names:
         raise ModelNotFoundError(f"Unknown --arch {arch!r}.{suggest(arch, names)}",
                                  hint="See `deploykit export --list`.")
-    module = _build_fitting(lambda **kw: torchvision.models.get_model(arch, weights=None, **kw), state, arch)
+    module = _build_fitting(lambda **kw: torchvision.models.get_model(arch, weights=None, **kw), state, arch,
+                            path)
     module.eval()
     default = _weights_enum(arch).DEFAULT
     categories = list(default.meta.get("categories") or [])
@@ -435,7 +499,7 @@ def _import_factory(spec: str) -> Any:
 
 
 def _from_factory(spec: str, *, weights: str | None, seed: int,
-                  state: dict[str, Any] | None = None) -> LoadedModel:
+                  state: dict[str, Any] | None = None, state_path: Path | None = None) -> LoadedModel:
     torch = _torch()
     factory = _import_factory(spec)
     torch.manual_seed(seed)
@@ -452,18 +516,14 @@ def _from_factory(spec: str, *, weights: str | None, seed: int,
     source = Source(kind="factory", name=recorded, seed=seed, weights="factory")
     choice = (weights or "DEFAULT").strip()
     if state is None and choice.upper() not in ("DEFAULT", "NONE", "FACTORY"):
-        weights_path = Path(choice)
+        weights_path = state_path = Path(choice)
         state = _load_state_dict(weights_path)
         source = Source(kind="factory", name=recorded, seed=seed, weights="file",
                         path=str(weights_path.resolve()), sha256=sha256_file(weights_path))
     if state is not None:
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            raise UsageError(f"The state dict does not fit factory {spec!r}: {_mismatch(module, state)}.",
-                             hint="Pass the factory that builds the architecture the checkpoint was "
-                             "trained with.",
-                             ) from exc
+        origin = f"The state dict {str(state_path)!r}" if state_path else "The state dict"
+        _load_into(module, state, what=f"{origin} does not fit factory {spec!r}",
+                   hint="Pass the factory that builds the architecture the checkpoint was trained with.")
     module.eval()
     name = str(getattr(module, "deploykit_meta", {}).get("name") or spec.rpartition(":")[2])
     return _apply_meta(LoadedModel(module=module, name=name, source=source), module)
@@ -519,6 +579,18 @@ def rebuild_source(source: Source) -> LoadedModel:
             raise ModelNotFoundError(f"The source recorded in the model card is gone: {exc.message}",
                                      hint="Pass --against with the model to compare with, or --fingerprint "
                                      "to check without it.") from exc
+    if source.kind == "timm":
+        return _from_timm(source.name or "", weights=source.path if source.weights == "file" else
+                          "none" if source.weights == "none" else "DEFAULT", seed=source.seed or 0,
+                          num_classes=source.num_classes)
+    if source.kind == "hf":
+        try:
+            return _from_hf(source.path or f"{HF_PREFIX}{source.name}", weights=None,
+                            num_classes=source.num_classes, seed=source.seed or 0)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"The source recorded in the model card is gone: {exc.message}",
+                                     hint="Pass --against with the model to compare with, or --fingerprint "
+                                     "to check without it.") from exc
     if source.kind == "checkpoint":
         return _from_file(Path(source.path or ""), arch=source.arch, trust_pickle=False,
                           seed=source.seed or 0)
@@ -527,3 +599,217 @@ def rebuild_source(source: Source) -> LoadedModel:
                           seed=source.seed or 0)
     raise UsageError(f"The model card's source kind {source.kind!r} cannot be rebuilt.",
                      hint="Pass --against with the model to compare with.")
+
+
+# --- timm -------------------------------------------------------------------------------------------------
+TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf:"
+
+
+def _timm() -> Any:
+    _torch()
+    require("timm", "timm")
+    import timm
+
+    return timm
+
+
+def timm_models() -> list[str]:
+    """Names of timm's models (``timm.list_models()``); ``timm:NAME`` exports one."""
+    return list(_timm().list_models())
+
+
+def _from_timm(name: str, *, weights: str | None, seed: int, num_classes: int | None) -> LoadedModel:
+    """A timm model: random (``none``), timm's pretrained weights (``DEFAULT``, through its loader and the
+    Hugging Face hub cache) or a state dict (``PATH``); ``num_classes`` replaces the head."""
+    timm = _timm()
+    torch = _torch()
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise ModelNotFoundError(
+            f"Unknown timm model {name!r}.{suggest(base, timm.list_models())}",
+            hint="See `deploykit export --list timm`.",
+        )
+    choice = (weights or "none").strip()
+    head = {"num_classes": num_classes} if num_classes else {}
+    torch.manual_seed(seed)
+    if choice.lower() == "none":
+        module = timm.create_model(name, pretrained=False, **head)
+        source = Source(kind="timm", name=name, weights="none", seed=seed)
+    elif choice.upper() == "DEFAULT":
+        module = _timm_pretrained(timm, name, head)
+        # The resolved tag (convnext_tiny -> convnext_tiny.in12k_ft_in1k), so verify loads the same weights
+        # even after timm changes its default.
+        tag = module.pretrained_cfg.get("tag")
+        source = Source(kind="timm", name=f"{base}.{tag}" if tag else name, weights="DEFAULT", seed=seed)
+    else:
+        path = Path(choice)
+        state = _load_state_dict(path)
+        if not head:  # a fine-tuned checkpoint brings its own head: build the model with its class count
+            classifier = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier")
+            weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+            if weight is not None and weight.ndim == 2:
+                head = {"num_classes": int(weight.shape[0])}
+        module = timm.create_model(name, pretrained=False, **head)
+        _load_into(module, state, what=f"The state dict {str(path)!r} does not fit timm model {name}",
+                   hint="Pass the timm model the checkpoint was trained as (and --num-classes for its head).")
+        source = Source(kind="timm", name=name, weights="file", path=str(path.resolve()),
+                        sha256=sha256_file(path), seed=seed)
+    module.eval()
+    return LoadedModel(module=module, name=name.replace("/", "_"), source=source,
+                       labels=_timm_labels(timm, module), preprocess=_timm_preprocess(timm, module))
+
+
+def _timm_pretrained(timm: Any, name: str, head: dict[str, Any]) -> Any:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return timm.create_model(name, pretrained=True, **head)
+    except Exception as exc:  # hub misses (OSError), offline mode, httpx errors, bad files: all one message
+        try:
+            where = timm.models.get_pretrained_cfg(name).hf_hub_id or name
+        except (RuntimeError, AttributeError, KeyError):  # no pretrained config for this name
+            where = name
+        raise WeightsUnavailableError(
+            f"timm's pretrained weights for {name} are not in the Hugging Face cache and could not be "
+            f"downloaded ({one_line(exc, with_type=True)}).",
+            hint=f"Use --weights none or --weights PATH, or place {where} in the Hugging Face hub cache "
+            "(HF_HUB_CACHE) on a machine with network access.",
+        ) from exc
+
+
+def _timm_labels(timm: Any, module: Any) -> list[str] | None:
+    """ImageNet class names when timm recognises the head as an ImageNet subset."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(module)
+    if not subset:
+        return None
+    info = ImageNetInfo(subset)
+    if info.num_classes() != getattr(module, "num_classes", None):
+        return None
+    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+
+
+def _timm_preprocess(timm: Any, module: Any) -> Preprocess:
+    """timm's eval transform from its data config: Resize(floor(size / crop_pct)), CenterCrop(size)."""
+    import math
+
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(module)
+    _, height, width = config["input_size"]
+    if height != width:
+        raise UsageError(f"timm's data config asks for a {height}x{width} input; deploykit exports square "
+                         "inputs only.", hint="Pass --input-size to choose a square size.")
+    crop_pct = float(config.get("crop_pct") or 1.0)
+    mode = config.get("crop_mode") or "center"
+    if mode != "center":
+        raise UsageError(f"timm's data config uses crop_mode {mode!r}; deploykit reproduces 'center' only.",
+                         hint="Pass --input-size and --resize to choose the geometry.")
+    interpolation = str(config.get("interpolation") or "bilinear")
+    return Preprocess(
+        crop=int(height), resize=max(int(height), math.floor(height / crop_pct)),
+        interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
+        mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
+    )
+
+
+# --- Hugging Face Transformers ------------------------------------------------------------------------------
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _transformers() -> Any:
+    _torch()
+    require("transformers", "hf")
+    import transformers
+
+    return transformers
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A ``save_pretrained`` folder: a directory with a ``config.json``."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _from_hf(spec: str, *, weights: str | None, num_classes: int | None, seed: int) -> LoadedModel:
+    """A Transformers image classifier: a ``save_pretrained`` folder, or ``hf:ORG/NAME`` from the local cache.
+
+    Labels come from ``config.id2label``, preprocessing from the image processor's config; the ONNX output
+    is the logits. ``num_classes`` other than the model's replaces its head (initialised from ``seed``).
+    """
+    transformers = _transformers()
+    torch = _torch()
+    local = not spec.startswith(HF_PREFIX)
+    where = str(Path(spec).resolve()) if local else spec[len(HF_PREFIX):]
+    if weights and weights.strip().upper() not in ("DEFAULT", "FILE"):
+        raise UsageError(f"--weights {weights} does not apply to a Hugging Face model; its weights come with "
+                         "it.", hint="Save the fine-tuned model with save_pretrained and export that folder.")
+    torch.manual_seed(seed)
+    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on stderr
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            processor = transformers.AutoImageProcessor.from_pretrained(where, local_files_only=True)
+            module = transformers.AutoModelForImageClassification.from_pretrained(
+                where, local_files_only=True, **({"num_labels": num_classes, "ignore_mismatched_sizes": True}
+                                                 if num_classes else {}))
+    except (OSError, ValueError, KeyError) as exc:  # not cached / no such folder / not an image classifier
+        missing = isinstance(exc, OSError) and not local
+        raise (ModelNotFoundError if missing else UsageError)(
+            f"Cannot load {spec!r} as a Hugging Face image classifier"
+            + (" from the local Hugging Face cache" if not local else "") + f": {one_line(exc)}.",
+            hint="Download it with network access first (huggingface-cli download ORG/NAME), or export a "
+            "save_pretrained folder that has config.json, the weights and preprocessor_config.json."
+            if missing else "The folder needs config.json, the weights and preprocessor_config.json of an "
+            "image classification model.",
+        ) from exc
+    finally:
+        if progress_bars:
+            transformers.utils.logging.enable_progress_bar()
+    module.eval()
+    id2label = dict(getattr(module.config, "id2label", None) or {})
+    labels = [str(id2label[i]) for i in range(len(id2label))] if sorted(id2label) == list(
+        range(len(id2label))) else None
+    name = Path(where).name if local else where.replace("/", "_")
+    source = Source(kind="hf", name=None if local else where, path=where if local else None,
+                    weights="DEFAULT", seed=seed)
+    return LoadedModel(module=module, name=name, source=source, labels=labels,
+                       preprocess=_hf_preprocess(processor, spec))
+
+
+def _hf_preprocess(processor: Any, spec: str) -> Preprocess:
+    """The image processor's resize/crop/rescale/normalise as a Preprocess.
+
+    ``size`` is ``{"height", "width"}`` (resize straight to it: ViT, Swin), or ``{"shortest_edge"}`` with
+    either ``crop_pct`` (ConvNeXt: resize the shorter side to shortest_edge / crop_pct, crop shortest_edge;
+    from 384 on it resizes straight to shortest_edge) or ``crop_size`` (resize, then centre crop).
+    """
+    size = dict(getattr(processor, "size", None) or {})
+    crop_size = dict(getattr(processor, "crop_size", None) or {})
+    do_crop = bool(getattr(processor, "do_center_crop", False))
+    resample = getattr(processor, "resample", 2)
+    interpolation = _PIL_RESAMPLE.get(int(resample), "bilinear") if resample is not None else "bilinear"
+    if "height" in size and "width" in size:
+        if size["height"] != size["width"]:
+            raise UsageError(f"{spec!r} resizes images to {size['height']}x{size['width']}; deploykit "
+                             "exports square inputs only.")
+        crop, resize = int(size["height"]), None
+        if do_crop and crop_size.get("height"):
+            crop, resize = int(crop_size["height"]), int(size["height"])
+    elif "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        crop_pct = getattr(processor, "crop_pct", None)
+        if crop_pct is not None and not do_crop:
+            crop, resize = edge, (int(edge / float(crop_pct)) if edge < 384 else None)
+        elif do_crop and crop_size.get("height"):
+            crop, resize = int(crop_size["height"]), edge
+        else:
+            crop, resize = edge, edge
+    else:
+        raise UsageError(f"The image processor of {spec!r} has a size deploykit does not understand: {size}.")
+    normalize = bool(getattr(processor, "do_normalize", True))
+    mean = tuple(float(v) for v in processor.image_mean) if normalize else (0.0, 0.0, 0.0)
+    std = tuple(float(v) for v in processor.image_std) if normalize else (1.0, 1.0, 1.0)
+    scale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) \
+        else 1.0
+    return Preprocess(crop=crop, resize=resize, interpolation=interpolation, mean=mean, std=std, scale=scale)

@@ -9,14 +9,19 @@ import typer
 from deploykit.cli._app import app
 from deploykit.cli._output import emit_json, info, out_console, progress_status
 
+LIST_SOURCES = ("torchvision", "timm")
 
-def _list_models(value: bool) -> None:
-    if value:
-        from deploykit.sources import classification_models
 
-        for name in classification_models():
-            typer.echo(name)
-        raise typer.Exit()
+def _list_models(source: str | None) -> None:
+    """`--list` prints torchvision's names, `--list timm` timm's (MODEL is then the source to list)."""
+    source = source or "torchvision"
+    if source not in LIST_SOURCES:
+        raise typer.BadParameter(f"--list takes one of {', '.join(LIST_SOURCES)}, got {source!r}",
+                                 param_hint="MODEL")
+    from deploykit.sources import classification_models, timm_models
+
+    for name in timm_models() if source == "timm" else classification_models():
+        typer.echo(name)
 
 
 def _triple(value: str | None, option: str) -> tuple[float, float, float] | None:
@@ -33,14 +38,17 @@ def _triple(value: str | None, option: str) -> tuple[float, float, float] | None
 
 @app.command()
 def export(
-    model: str = typer.Argument(...,
-                                help="torchvision name (resnet18), checkpoint (.pt/.pth), TorchScript file, "
-                                "or factory package.module:function / path/file.py:function."),
+    model: str | None = typer.Argument(None, show_default=False,
+                                help="torchvision name (resnet18), timm:NAME, hf:ORG/NAME or a Transformers "
+                                "save_pretrained folder, checkpoint (.pt/.pth), TorchScript file, or factory "
+                                "package.module:function / path/file.py:function."),
     output: Path | None = typer.Option(None, "-o", "--output",
                                        help="Output .onnx path \\[default: <name>.onnx]."),
     arch: str | None = typer.Option(None, "--arch", help="Architecture of a state-dict checkpoint."),
     weights: str = typer.Option("DEFAULT", "--weights", help="DEFAULT, a weights name (IMAGENET1K_V1), none "
-                                "(random, seeded), or a state-dict path."),
+                                "(random, seeded), or a state-dict path (torchvision and timm)."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="timm and Hugging Face: class count "
+                                           "of a fine-tuned head \\[default: from the weights]."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a full pickled model; "
                                       "unpickling runs code from the file."),
     labels: Path | None = typer.Option(None, "--labels", exists=True, dir_okay=False,
@@ -69,10 +77,15 @@ def export(
                                   "optimised by ONNX Runtime (extended level); with --quantize int8: "
                                   "<stem>.int8.opt.onnx only (no <stem>.int8.onnx)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    list_models: bool = typer.Option(False, "--list", callback=_list_models, is_eager=True,
-                                     help="List torchvision classification models and exit."),
+    list_models: bool = typer.Option(False, "--list", help="List torchvision classification models "
+                                     "(`--list timm`: timm's) and exit."),
 ) -> None:
     """Export a PyTorch model to ONNX with its model card inside, and check it against PyTorch."""
+    if list_models:
+        _list_models(model)
+        return
+    if model is None:
+        raise typer.BadParameter("missing MODEL (or --list)", param_hint="MODEL")
     from deploykit.export import export_model
 
     steps: tuple[str, ...] = ()
@@ -85,7 +98,8 @@ def export(
         result = export_model(
             model, output=output, arch=arch, weights=weights, trust_pickle=trust_pickle, labels_file=labels,
             input_size=input_size, resize=resize, mean=_triple(mean, "--mean"), std=_triple(std, "--std"),
-            static_batch=static_batch, opset=opset, exporter=exporter, seed=seed, name=name, progress=say,
+            static_batch=static_batch, opset=opset, exporter=exporter, seed=seed, num_classes=num_classes,
+            name=name, progress=say,
         )
         summary = result.to_dict()
         if steps:

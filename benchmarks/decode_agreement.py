@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,10 +189,22 @@ def progress(done: int, total: int, what: str) -> None:
 # --- (a) the example model on renders of its shapes ---------------------------------------------------------
 
 
-def shapes_agreement(count: int, workdir: Path, seed: int) -> Agreement:
+@dataclass
+class ImageSet:
+    """A model and a stream of 12 MP JPEGs for it: ``images`` yields (JPEG bytes, true class index)."""
+
+    name: str
+    model: str
+    pp: Preprocess
+    classify: Callable[[np.ndarray], np.ndarray]  # input batch -> class probabilities
+    images: Iterator[tuple[bytes, int]]
+
+
+def shapes_set(count: int, workdir: Path, seed: int) -> ImageSet:
+    """The example model, exported to ``workdir``, and ``count`` renders of its shapes at 12 MP."""
     from deploykit.runtime import Predictor
 
-    print("(a) Exporting the example model ...", flush=True)
+    print("Exporting the example model ...", flush=True)
     onnx_path = workdir / "shapes.onnx"
     factory = f"{REPO / 'examples' / 'shapes' / 'model.py'}:build"
     subprocess.run([python(), "-m", "deploykit", "export", factory, "--output", str(onnx_path)], check=True,
@@ -202,16 +214,26 @@ def shapes_agreement(count: int, workdir: Path, seed: int) -> Agreement:
     from data import CLASSES, render
 
     labels = list(predictor.card.labels or [])
-    result = Agreement("shapes renders, 12 MP JPEG", "examples/shapes")
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        label = index % len(CLASSES)
-        portrait = index % 2 == 1
-        drawing = render(CLASSES[label], rng, (756, 1008) if portrait else (1008, 756))
-        data = phone_jpeg(drawing, rng, portrait_exif=portrait)
-        truth = labels.index(CLASSES[label]) if labels else label
-        result.add(data, truth, predictor.card.preprocess,
-                   lambda batch: softmax(predictor.first_output(batch)))
+
+    def images() -> Iterator[tuple[bytes, int]]:
+        rng = np.random.default_rng(seed)
+        for index in range(count):
+            label = index % len(CLASSES)
+            portrait = index % 2 == 1
+            drawing = render(CLASSES[label], rng, (756, 1008) if portrait else (1008, 756))
+            yield (phone_jpeg(drawing, rng, portrait_exif=portrait),
+                   labels.index(CLASSES[label]) if labels else label)
+
+    return ImageSet("shapes renders, 12 MP JPEG", "examples/shapes", predictor.card.preprocess,
+                    lambda batch: softmax(predictor.first_output(batch)), images())
+
+
+def shapes_agreement(count: int, workdir: Path, seed: int) -> Agreement:
+    print("(a) ", end="")
+    shapes = shapes_set(count, workdir, seed)
+    result = Agreement(shapes.name, shapes.model)
+    for index, (data, truth) in enumerate(shapes.images):
+        result.add(data, truth, shapes.pp, shapes.classify)
         progress(index + 1, count, "shapes")
     return result
 
@@ -274,15 +296,17 @@ def train_photo_model(photos: list[Image.Image], seed: int, views_per_photo: int
     return model
 
 
-def photos_agreement(paths: list[Path], count: int, seed: int, views_per_photo: int,
-                     epochs: int) -> Agreement | None:
+def photos_set(paths: list[Path], count: int, seed: int, views_per_photo: int,
+               epochs: int) -> ImageSet | None:
+    """A CNN trained here to tell ``paths`` apart, and ``count`` new random views of them at 12 MP; None with
+    fewer than two photographs."""
     import torch
 
     photos = [Image.open(p).convert("RGB") for p in paths]
     if len(photos) < 2:
-        print("(b) skipped: it needs at least two photographs (install scikit-image or pass --photos DIR).")
+        print("Real photographs skipped: two or more are needed (install scikit-image or pass --photos DIR).")
         return None
-    print(f"(b) Training a {len(photos)}-photo classifier on {views_per_photo * len(photos)} views ...",
+    print(f"Training a {len(photos)}-photo classifier on {views_per_photo * len(photos)} views ...",
           flush=True)
     started = time.perf_counter()
     model = train_photo_model(photos, seed, views_per_photo, epochs)
@@ -292,14 +316,27 @@ def photos_agreement(paths: list[Path], count: int, seed: int, views_per_photo: 
         with torch.inference_mode():
             return torch.softmax(model(torch.from_numpy(batch)), dim=1).numpy()
 
-    result = Agreement(f"{len(photos)} real photographs, 12 MP JPEG", "CNN trained here (ImageNet pp)")
-    rng = np.random.default_rng(seed + 1)
-    for index in range(count):
-        label = index % len(photos)
-        portrait = index % 2 == 1
-        box = random_view(photos[label], rng, portrait=portrait)
-        data = phone_jpeg(photos[label], rng, portrait_exif=portrait, box=box)
-        result.add(data, label, IMAGENET, classify)
+    def images() -> Iterator[tuple[bytes, int]]:
+        rng = np.random.default_rng(seed + 1)
+        for index in range(count):
+            label = index % len(photos)
+            portrait = index % 2 == 1
+            box = random_view(photos[label], rng, portrait=portrait)
+            yield phone_jpeg(photos[label], rng, portrait_exif=portrait, box=box), label
+
+    return ImageSet(f"{len(photos)} real photographs, 12 MP JPEG", "CNN trained here (ImageNet pp)", IMAGENET,
+                    classify, images())
+
+
+def photos_agreement(paths: list[Path], count: int, seed: int, views_per_photo: int,
+                     epochs: int) -> Agreement | None:
+    print("(b) ", end="")
+    photos = photos_set(paths, count, seed, views_per_photo, epochs)
+    if photos is None:
+        return None
+    result = Agreement(photos.name, photos.model)
+    for index, (data, truth) in enumerate(photos.images):
+        result.add(data, truth, photos.pp, photos.classify)
         progress(index + 1, count, "photos")
     return result
 

@@ -471,18 +471,21 @@ class PredictClient:
         return _top_k_rows(values, names, card.output_kind, top_k)
 
     def predict_image_v2(self, data: bytes, *, card: ModelCard, model: str | None = None, top_k: int = 5,
-                         binary: bool | None = None, plan: V2Plan | None = None) -> tuple[Prediction, ...]:
+                         binary: bool | None = None, plan: V2Plan | None = None,
+                         exact: bool = False) -> tuple[Prediction, ...]:
         """Decode and preprocess one encoded image as the card says, then classify it on a V2 server
         (see :meth:`predict_tensor_v2`).
 
+        A large photo is decoded at the size the model needs, as ``deploykit serve`` decodes uploads by
+        default; ``exact`` decodes it whole, bit-identical to torchvision (see ``images.load_tensor``).
         Raises ``InvalidImageError`` when the bytes are not a readable image.
         """
-        from deploykit.images import decode_image, preprocess
+        from deploykit.images import load_tensor
         from deploykit.runtime import pad_batch
 
         plan = plan or self._plan_for(model or card.name, card, binary)
         # A static-batch model (Triton's max_batch_size 0) takes exactly its batch: pad it, keep row 0.
-        tensor = pad_batch(preprocess(decode_image(data), card.preprocess)[None], plan.fixed_batch)
+        tensor = pad_batch(load_tensor(data, card.preprocess, exact=exact)[None], plan.fixed_batch)
         return self.predict_tensor_v2(tensor, card=card, top_k=top_k, plan=plan)[0]
 
 

@@ -40,6 +40,9 @@ MAX_WHOLE_RESIZE_ASPECT = 16
 #: only down to this many times the resize target, as Pillow's ``reducing_gap``: the final resize then does
 #: the rest of the filtering, and the result stays as close to the full decode as a JPEG's.
 REDUCING_GAP = 3
+#: ``shrink_image`` reduces only images whose shorter side is at least this many times the resize target.
+SHRINK_MIN_FACTOR = 2
+SHRINK_QUALITY = 95
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                             ".pgm"})
 
@@ -315,6 +318,38 @@ def load_tensor(data: bytes, pp: Preprocess, *, max_pixels: int = DEFAULT_MAX_PI
     decoded reduced (see ``decode_image``). Raises ``InvalidImageError`` as ``decode_image`` does.
     """
     return preprocess(decode_image(data, max_pixels=max_pixels, target=pp, exact=exact), pp)
+
+
+def shrink_image(data: bytes, pp: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 image_format: str = "JPEG", quality: int = SHRINK_QUALITY) -> bytes | None:
+    """A large image re-encoded at the size ``pp`` resizes it to, to send to a server; None for a small one.
+
+    The image is decoded fast for ``pp`` (``decode_image``), brought to the size that ``preprocess`` resizes
+    it to (the shorter side at ``pp.resize``, the aspect ratio kept) and encoded as ``image_format``: JPEG at
+    ``quality`` with full-resolution colour, or lossless PNG. Nothing is cropped: a server that preprocesses
+    the result with ``pp`` only crops it, so its tensor is the one a fast decode of ``data`` gives, within
+    the JPEG encoding's rounding (PNG: exactly). EXIF orientation is applied; metadata is not kept.
+
+    None, before anything is decoded, when the shorter side is under ``SHRINK_MIN_FACTOR`` times the resize
+    target (the image goes as it is) or the resized aspect ratio is extreme (the server then resizes only
+    the part under its crop). Raises ``InvalidImageError`` as ``decode_image`` does.
+    """
+    header = probe_image(data)
+    target = pp.resize if pp.resize is not None else pp.crop
+    if min(header.width, header.height) < SHRINK_MIN_FACTOR * target or _extreme_aspect(
+            _resize_size(header.width, header.height, pp)):
+        return None
+    image = decode_image(data, max_pixels=max_pixels, target=pp)
+    size = _resize_size(*image.size, pp)
+    if image.size != size:  # not reduced in decoding (a PNG under 2 * REDUCING_GAP times the target)
+        image = image.resize(size, _resample(pp.interpolation))
+    buffer = io.BytesIO()
+    if image_format.upper() == "PNG":
+        image.save(buffer, "PNG")
+    else:
+        # 4:4:4: chroma subsampling would halve the colour resolution that the model sees.
+        image.save(buffer, "JPEG", quality=quality, subsampling=0)
+    return buffer.getvalue()
 
 
 def _resample(name: str) -> int:

@@ -28,7 +28,7 @@ from deploykit.errors import (
 )
 
 if TYPE_CHECKING:
-    from deploykit.card import ModelCard
+    from deploykit.card import ModelCard, Preprocess
     from deploykit.client import PredictClient, V2Plan
     from deploykit.runtime import Prediction, Predictor
 
@@ -41,6 +41,9 @@ PROTOCOLS = ("rest", "v2")
 # 4xx (401, 403, 404 unknown model...) would fail every image the same way, so it stops the run instead.
 PER_IMAGE_STATUSES = frozenset({400, 413, 415, 422, 429})
 _GLOB_CHARS = frozenset("*?[")
+#: With --shrink, a file smaller than this goes as it is without being decoded: shrinking it could save a few
+#: milliseconds of upload at most, and a run of small images then needs neither NumPy nor Pillow.
+SHRINK_MIN_BYTES = 64_000
 
 
 @dataclass(frozen=True)
@@ -244,31 +247,89 @@ def expand_inputs(inputs: Iterable[str | Path | ImageSource], *, files_from: str
 Predict = Callable[[ImageSource], "tuple[str, tuple[Prediction, ...]]"]
 
 
-def _rest_predictor(client: PredictClient, model: str | None, top_k: int) -> Predict:
+class _Shrinker:
+    """Reduces large images to the size a deploykit server's model needs, before they are sent (``--shrink``).
+
+    The model's preprocessing comes from the server's card (``GET /models``), read once, when the first image
+    large enough to shrink comes; a server that gives no card gets every image as it is. See
+    ``images.shrink_image`` for what is sent and why the server's answer stays the same.
+    """
+
+    def __init__(self, client: PredictClient, model: str | None) -> None:
+        self._client = client
+        self._model = model
+        self._lock = threading.Lock()
+        self._read = False
+        self._preprocess: Preprocess | None = None
+
+    def preprocess(self) -> Preprocess | None:
+        """The model's preprocessing from the server, or None when it gives no card.
+
+        Raises:
+            ConnectionFailedError: the server cannot be reached or answers 5xx (which would stop the run).
+        """
+        with self._lock:
+            if not self._read:
+                try:
+                    self._preprocess = self._client.model_card(self._model).preprocess
+                except ConnectionFailedError:
+                    raise
+                except (DeployKitError, KeyError, TypeError, ValueError):
+                    # No card (not a deploykit server, an unknown model, a missing key): the upload of the
+                    # image itself then gets the server's own answer, as without --shrink.
+                    self._preprocess = None
+                self._read = True
+            return self._preprocess
+
+    def shrink(self, data: bytes) -> bytes:
+        """``data`` re-encoded at the size the model resizes it to, or ``data`` itself when that would not
+        make it smaller (a small image) or it cannot be decoded (the server then says why)."""
+        if len(data) < SHRINK_MIN_BYTES:
+            return data
+        pp = self.preprocess()
+        if pp is None:
+            return data
+        from deploykit.images import InvalidImageError, shrink_image
+
+        try:
+            smaller = shrink_image(data, pp)
+        except InvalidImageError:
+            return data
+        return data if smaller is None or len(smaller) >= len(data) else smaller
+
+
+def _rest_predictor(client: PredictClient, model: str | None, top_k: int, *, shrink: bool) -> Predict:
+    shrinker = _Shrinker(client, model) if shrink else None
+
     def run(source: ImageSource) -> tuple[str, tuple[Prediction, ...]]:
-        answer = client.predict_bytes(source.read(), Path(source.path).name if source.data is None else None,
+        data = source.read()
+        if shrinker is not None:
+            data = shrinker.shrink(data)
+        answer = client.predict_bytes(data, Path(source.path).name if source.data is None else None,
                                       model=model, top_k=top_k)
         return answer.model, answer.top_k
 
     return run
 
 
-def _v2_predictor(client: PredictClient, card: ModelCard, plan: V2Plan, top_k: int) -> Predict:
+def _v2_predictor(client: PredictClient, card: ModelCard, plan: V2Plan, top_k: int, *, exact: bool
+                  ) -> Predict:
     def run(source: ImageSource) -> tuple[str, tuple[Prediction, ...]]:
-        return plan.model, client.predict_image_v2(source.read(), card=card, plan=plan, top_k=top_k)
+        return plan.model, client.predict_image_v2(source.read(), card=card, plan=plan, top_k=top_k,
+                                                   exact=exact)
 
     return run
 
 
-def _local_predictor(predictor: Predictor, top_k: int) -> Predict:
+def _local_predictor(predictor: Predictor, top_k: int, *, exact: bool) -> Predict:
     import numpy as np
 
-    from deploykit.images import decode_image, preprocess
+    from deploykit.images import load_tensor
     from deploykit.runtime import pad_batch
     from deploykit.runtime import top_k as best_classes
 
     def run(source: ImageSource) -> tuple[str, tuple[Prediction, ...]]:
-        tensor = preprocess(decode_image(source.read()), predictor.card.preprocess)[None]
+        tensor = load_tensor(source.read(), predictor.card.preprocess, exact=exact)[None]
         # A static-batch model takes exactly its batch size: pad with zeros and keep the first row.
         probabilities = predictor.probabilities(pad_batch(tensor, predictor.card.fixed_batch))[:1]
         if not np.isfinite(probabilities).all():
@@ -323,7 +384,7 @@ def _is_deploykit(client: PredictClient) -> bool:
 def check_options(*, protocol: str = "rest", url: str | None = None, model: str | None = None,
                   model_file: str | Path | None = None, card_file: str | Path | None = None, top_k: int = 5,
                   concurrency: int = DEFAULT_CONCURRENCY, retries: int = 3, timeout: float = 30.0,
-                  binary: bool | None = None) -> None:
+                  binary: bool | None = None, exact_decode: bool = False, shrink: bool | None = None) -> None:
     """Raise ``UsageError`` for contradictory or out-of-range options of :func:`predict_images`."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
@@ -337,6 +398,13 @@ def check_options(*, protocol: str = "rest", url: str | None = None, model: str 
     if binary is not None and protocol != "v2":
         raise UsageError(f"--{'' if binary else 'no-'}binary is only used with --protocol v2 (how tensors "
                          "are sent to an Open Inference Protocol server).")
+    if shrink is not None and (model_file is not None or protocol != "rest"):
+        raise UsageError(f"--{'' if shrink else 'no-'}shrink is only used with the REST protocol (what is "
+                         "uploaded to a deploykit server); --protocol v2 and --model-file decode the images "
+                         "here and send no image.")
+    if shrink and exact_decode:
+        raise UsageError("--shrink sends large images reduced (decoded at the size the model needs), "
+                         "--exact-decode asks for the full decoding: give one or the other.")
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}.")
     if concurrency < 1:
@@ -441,6 +509,8 @@ def predict_images(
     timeout: float = 30.0,
     api_key: str | None = None,
     binary: bool | None = None,
+    exact_decode: bool = False,
+    shrink: bool | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
 ) -> PredictRun:
     """Classify images on a server or locally; results are in input order.
@@ -455,6 +525,13 @@ def predict_images(
         files_from: a file (or ``-`` for stdin) with one image path per line, predicted after ``inputs``.
         binary: with ``v2``, send tensors as binary data (True) or JSON (False); None: binary when the
             server lists the ``binary_tensor_data`` extension in ``GET /v2``, which is read once per run.
+        exact_decode: decode every image at full size, bit-identical to torchvision (``load_tensor(exact=
+            True)``), where this client decodes (local mode, ``v2``); with ``rest``, send every image as it
+            is. Default: a large photo is decoded at the size the model needs, as ``deploykit serve`` does.
+        shrink: with ``rest``, send a file of ``SHRINK_MIN_BYTES`` or more whose shorter side is at least
+            twice the model's resize size re-encoded at that size (``images.shrink_image``, with the
+            preprocessing from the server's card), when that makes it smaller. None: on, unless
+            ``exact_decode``.
         top_k: classes per image. concurrency: requests in flight. retries/timeout/api_key: see PredictClient.
         on_result: called with each ``ImageResult`` in input order as soon as it is known (for streaming).
 
@@ -465,7 +542,8 @@ def predict_images(
         A failure of a single image (unreadable, not an image, rejected) is recorded in its result instead.
     """
     check_options(protocol=protocol, url=url, model=model, model_file=model_file, card_file=card_file,
-                  top_k=top_k, concurrency=concurrency, retries=retries, timeout=timeout, binary=binary)
+                  top_k=top_k, concurrency=concurrency, retries=retries, timeout=timeout, binary=binary,
+                  exact_decode=exact_decode, shrink=shrink)
     sources = expand_inputs(inputs, files_from=files_from, stdin=stdin)
     concurrency = min(concurrency, len(sources))
     start = time.perf_counter()
@@ -473,7 +551,8 @@ def predict_images(
         from deploykit.runtime import Predictor
 
         predictor = Predictor.open(model_file)
-        results = run_ordered(_local_predictor(predictor, top_k), sources, concurrency=concurrency,
+        results = run_ordered(_local_predictor(predictor, top_k, exact=exact_decode), sources,
+                              concurrency=concurrency,
                               default_model=predictor.name, on_result=on_result)
         return PredictRun(tuple(results), "local", str(model_file), concurrency, time.perf_counter() - start)
 
@@ -484,9 +563,11 @@ def predict_images(
         name: str | None = model
         if protocol == "v2":
             name, card = _v2_card(client, model, card_file)
-            predict = _v2_predictor(client, card, client.v2_plan(name, card, binary=binary), top_k)
+            predict = _v2_predictor(client, card, client.v2_plan(name, card, binary=binary), top_k,
+                                    exact=exact_decode)
         else:
-            predict = _rest_predictor(client, model, top_k)
+            predict = _rest_predictor(client, model, top_k,
+                                      shrink=not exact_decode if shrink is None else shrink)
         results = run_ordered(predict, sources, concurrency=concurrency, default_model=name,
                               on_result=on_result)
         return PredictRun(tuple(results), protocol, client.url, concurrency, time.perf_counter() - start)

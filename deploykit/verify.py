@@ -9,7 +9,9 @@ Checks, in report order (``docs/verify.md`` documents each and the JSON schema):
 - ``batch``: ONNX Runtime runs every requested batch size and returns that many rows.
 - ``random@N``: ONNX vs reference on seeded random tensors at batch N.
 - ``images``: ONNX on real images preprocessed as the card says, vs the reference on the same images
-  preprocessed as the *source* says (so a wrong mean/std in the card shows up here).
+  preprocessed as the *source* says (so a wrong mean/std in the card shows up here). Images are decoded in
+  full, as torchvision does; the check also reports, for information, how the inputs and the ONNX top-1
+  change when the images are decoded fast, as ``deploykit serve`` and ``predict`` do by default.
 - ``fingerprint``: the card's fingerprint reproduces (no torch; the numeric check of ``fingerprint_only``).
 
 torch is imported lazily and only for a PyTorch reference; the fingerprint path never imports it.
@@ -85,6 +87,33 @@ class OutputDiff:
 
 
 @dataclass(frozen=True)
+class DecodeDiff:
+    """Information only: the images check's images decoded fast (at the size the model needs, as ``serve``
+    and ``predict`` decode by default) vs in full (what parity is checked on), both preprocessed as the card
+    says. ``differing`` counts the images whose input changed (those large enough to be decoded reduced);
+    the differences are in the model's normalised input units; ``top1_agreement`` is the share of images on
+    which the ONNX model's top-1 class is the same."""
+
+    images: int
+    differing: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "differing": self.differing, "max_abs_diff": _num(self.max_abs_diff),
+                "mean_abs_diff": _num(self.mean_abs_diff), "top1_agreement": _num(self.top1_agreement)}
+
+    def __str__(self) -> str:
+        if not self.differing:
+            return (f"fast decode = exact on all {self.images} images (none large enough to be decoded "
+                    "reduced)")
+        top1 = "" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.1%}"
+        return (f"fast vs exact decode: inputs differ on {self.differing} of {self.images} images (max abs "
+                f"diff {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g}){top1} (information only)")
+
+
+@dataclass(frozen=True)
 class Check:
     """One check of a report. ``status`` is ``passed``, ``failed`` or ``skipped``; only ``failed`` fails."""
 
@@ -100,6 +129,7 @@ class Check:
     limit: float | None = None
     excess: float | None = None
     fingerprint: dict[str, Any] | None = None
+    fast_decode: DecodeDiff | None = None
 
     @property
     def passed(self) -> bool:
@@ -114,7 +144,9 @@ class Check:
             "passed": self.passed,
             "detail": self.detail,
             "provider": self.provider,
-            "input": self.input,
+            # the images check: how its inputs change when decoded fast, beside how they were made
+            "input": {**(self.input or {}), "fast_decode": self.fast_decode.to_dict()} if self.fast_decode
+            else self.input,
             "top1_agreement": _num(first.top1_agreement) if first else None,
             "top5_agreement": _num(first.top5_agreement) if first else None,
             "outputs": [o.to_dict() for o in self.outputs],
@@ -229,6 +261,8 @@ class ParityReport:
         lines = [f"Verify {self.model} ({self.name}) against {self.reference}"]
         for c in self.checks:
             lines.append(f"  {mark[c.status]} {c.name:<14} {c.detail}")
+            if c.fast_decode:
+                lines.append(f"  info {'decode':<14} {c.fast_decode}")
         if self.latency:
             lines.append(f"  info {'latency':<14} {self.latency}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -288,13 +322,14 @@ def _declared_preprocess(loaded: LoadedModel) -> Preprocess | None:
     """The preprocessing the source itself declares, or None when the card is the only authority.
 
     A factory or pickled module declares it in ``deploykit_meta``; torchvision pretrained weights declare
-    it in their transforms. Random (``none``) weights, bare state dicts and TorchScript declare nothing.
+    it in their transforms, timm pretrained weights in their data config, a Hugging Face model in its image
+    processor. Random (``none``) weights, bare state dicts and TorchScript declare nothing.
     """
     meta = getattr(loaded.module, "deploykit_meta", None)
     if isinstance(meta, dict) and meta.get("preprocess"):
         return loaded.preprocess
     src = loaded.source
-    if src.kind == "torchvision" and src.weights not in (None, "none", "file"):
+    if src.kind in ("torchvision", "timm") and src.weights not in (None, "none", "file") or src.kind == "hf":
         return loaded.preprocess
     return None
 
@@ -320,6 +355,12 @@ def _describe_source(loaded: LoadedModel) -> str:
         return f"PyTorch factory {s.name}" + (f" (weights {s.path})" if s.path else "")
     if s.kind == "checkpoint":
         return f"PyTorch checkpoint {s.path} (arch {s.arch})"
+    if s.kind == "timm":
+        weights = str(s.path) if s.weights == "file" else str(s.weights)
+        weights += f", seed {s.seed}" if s.weights == "none" else ""
+        return f"PyTorch timm {s.name} (weights {weights})"
+    if s.kind == "hf":
+        return f"PyTorch Hugging Face Transformers {s.path or s.name}"
     return f"PyTorch {s.kind} {s.path or s.name}"
 
 
@@ -851,14 +892,16 @@ def _chunked(run: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray, size:
 def _images_checks(runners: list[_OrtRunner], ref: _Reference, card: ModelCard, paths: list[Path],
                    origin: str, say: Progress, *, atol: float, rtol: float, gated: bool,
                    min_top1: float | None) -> list[Check]:
-    """ONNX on card-preprocessed images vs the reference on source-preprocessed images, per provider."""
-    from deploykit.images import load_image, preprocess_batch
+    """ONNX on card-preprocessed images vs the reference on source-preprocessed images, per provider; each
+    with the fast-vs-exact decoding difference (``DecodeDiff``)."""
+    from deploykit.images import load_image, load_tensor, preprocess_batch
 
     if not paths:
         return [Check("images", "parity", "skipped", "no images to check with; pass --images DIR")]
     say(f"Comparing on {len(paths)} images")
     decoded = [load_image(p) for p in paths]
     x_onnx = preprocess_batch(decoded, card.preprocess)
+    x_fast = np.stack([load_tensor(p.read_bytes(), card.preprocess) for p in paths])
     x_ref = preprocess_batch(decoded, ref.preprocess)
     info = {"kind": "images", "batch": len(paths), "images": len(paths), "origin": origin,
             "reference_preprocess": "card" if ref.preprocess == card.preprocess else "source"}
@@ -872,8 +915,9 @@ def _images_checks(runners: list[_OrtRunner], ref: _Reference, card: ModelCard, 
                                 r.provider, info))
             continue
         try:
-            actual = r.run(x_onnx) if r.fixed_batch in (None, x_onnx.shape[0]) else \
-                _chunked(r.run, x_onnx, r.fixed_batch)
+            actual = _run_batch(r, x_onnx)
+            same = np.array_equal(x_fast, x_onnx)  # small images: fast decoding is exact
+            fast = _decode_diff(x_fast, x_onnx, actual[0] if same else _run_batch(r, x_fast)[0], actual[0])
         except Exception as exc:  # onnxruntime's own error types
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise
@@ -884,11 +928,30 @@ def _images_checks(runners: list[_OrtRunner], ref: _Reference, card: ModelCard, 
                  for n, a, e in _pair(r.output_names, actual, ref.names, expected)]
         check = _parity_check(name, r.provider, info, diffs, atol=atol, rtol=rtol, gated=gated,
                               min_top1=min_top1)
+        check = replace(check, fast_decode=fast)
         if not check.passed and mismatch:
             check = replace(check, detail=f"{check.detail}; the card's preprocessing differs from the "
                             f"source's: {mismatch}")
         checks.append(check)
     return checks
+
+
+def _run_batch(runner: _OrtRunner, x: np.ndarray) -> list[np.ndarray]:
+    """The runner's outputs for ``x``, in chunks of its fixed batch if it has one."""
+    return runner.run(x) if runner.fixed_batch in (None, x.shape[0]) else _chunked(runner.run, x,
+                                                                                  runner.fixed_batch)
+
+
+def _decode_diff(x_fast: np.ndarray, x_exact: np.ndarray, out_fast: np.ndarray,
+                 out_exact: np.ndarray) -> DecodeDiff:
+    """Fast vs exact decoding: input differences per image and the agreement of the first output's top-1."""
+    diff = np.abs(x_fast.astype(np.float64) - x_exact.astype(np.float64)).reshape(len(x_fast), -1)
+    top1 = None
+    if out_exact.ndim == 2 and out_exact.shape[1] >= 2:
+        top1, _top5 = topk_agreement(np.asarray(out_fast, np.float64), np.asarray(out_exact, np.float64))
+    return DecodeDiff(images=len(x_fast), differing=int(np.count_nonzero(diff.max(axis=1) > 0)),
+                      max_abs_diff=float(diff.max(initial=0.0)), mean_abs_diff=float(diff.mean()),
+                      top1_agreement=top1)
 
 
 def _preprocess_mismatch(card_pp: Preprocess, ref_pp: Preprocess) -> str:

@@ -217,3 +217,11 @@ def upscaled_photo(size: tuple[int, int], *, grain: float = 0.0, seed: int = 0) 
     pixels = np.asarray(big, dtype=np.float32)
     pixels += np.random.default_rng(seed).standard_normal(pixels.shape, dtype=np.float32) * grain
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def phone_jpeg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A phone-size JPEG of the real test photo: 4032x3024 with a phone's grain, quality 92, about 3 MB."""
+    path = tmp_path_factory.mktemp("phone") / "IMG_0001.jpg"
+    upscaled_photo((4032, 3024), grain=5.0).save(path, "JPEG", quality=92)
+    return path

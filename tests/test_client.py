@@ -26,6 +26,7 @@ from deploykit.card import read_card
 from deploykit.client import PredictClient, ServerError, _parse_retry_after
 from deploykit.errors import ConnectionFailedError, ExitCode, RequestError, UsageError
 from deploykit.images import load_image, preprocess
+from deploykit.predict import SHRINK_MIN_BYTES, predict_images
 
 Rule = Callable[[str, dict[str, str], bytes], "tuple[int, dict[str, str], bytes] | None"]
 FORWARDED_HEADERS = ("Content-Type", "Authorization", "X-API-Key", "Inference-Header-Content-Length")
@@ -519,3 +520,82 @@ def test_invalid_url_is_a_usage_error(url: str, reason: str) -> None:
     with pytest.raises(UsageError, match="Invalid --url") as info:
         PredictClient(url)
     assert reason in str(info.value)
+
+
+# ---- shrinking large photos before the upload (predict --shrink, the REST default)
+
+
+def recording(bodies: dict[str, list[int]], *, no_models: bool = False) -> Rule:
+    """Record the body size of every request by path (without the query), then forward it; with
+    ``no_models`` answer 404 to deploykit's /models routes, as a server that gives no card."""
+
+    def rule(path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        bodies.setdefault(path.split("?")[0], []).append(len(body))
+        if no_models and path.startswith("/models") and not path.split("?")[0].endswith("/predict"):
+            return 404, {"Content-Type": "application/json"}, b'{"error": "Not Found"}'
+        return None
+
+    return rule
+
+
+def test_shrink_sends_a_phone_photo_as_kilobytes_with_the_same_answer(
+        shapes_server: LiveServer, phone_jpeg_file: Path,
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    bodies: dict[str, list[int]] = {}
+    front = front_factory(shapes_server.url, recording(bodies))
+    images = [str(phone_jpeg_file)] * 3
+    shrunk = predict_images(images, url=front.url, top_k=6, concurrency=2)  # the default
+    assert bodies.pop("/models") == [0], "the card is read once, from the server"
+    sent_shrunk = bodies.pop("/predict")
+    untouched = predict_images(images, url=front.url, top_k=6, shrink=False)
+    sent_untouched = bodies.pop("/predict")
+    assert bodies == {}
+    assert len(sent_shrunk) == len(sent_untouched) == 3
+    assert max(sent_shrunk) < 20_000, sent_shrunk  # the shapes model resizes to 72 pixels: 96x72
+    assert min(sent_untouched) > phone_jpeg_file.stat().st_size > 2_000_000
+    for a, b in zip(shrunk.results, untouched.results, strict=True):
+        assert a.best is not None, a.error
+        assert b.best is not None, b.error
+        assert a.best.label == b.best.label
+        assert a.best.probability == pytest.approx(b.best.probability, abs=0.02)
+
+
+def test_small_images_and_exact_decode_go_untouched_without_reading_the_card(
+        shapes_server: LiveServer, shapes_images: list[Path], phone_jpeg_file: Path,
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    bodies: dict[str, list[int]] = {}
+    front = front_factory(shapes_server.url, recording(bodies))
+    run = predict_images([str(p) for p in shapes_images], url=front.url, shrink=True, top_k=1, concurrency=1)
+    assert [r.best.label for r in run.results if r.best] == [true_label(p) for p in shapes_images]
+    assert all(p.stat().st_size < SHRINK_MIN_BYTES for p in shapes_images)
+    assert list(bodies) == ["/predict"], "small files need no card"
+    assert all(b > p.stat().st_size for b, p in zip(bodies.pop("/predict"), shapes_images, strict=True))
+    predict_images([str(phone_jpeg_file)], url=front.url, exact_decode=True)
+    assert list(bodies) == ["/predict"]
+    assert bodies["/predict"][0] > phone_jpeg_file.stat().st_size
+
+
+def test_a_server_without_cards_gets_the_photo_untouched(
+        shapes_server: LiveServer, phone_jpeg_file: Path,
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    bodies: dict[str, list[int]] = {}
+    front = front_factory(shapes_server.url, recording(bodies, no_models=True))
+    run = predict_images([str(phone_jpeg_file)] * 2, url=front.url, model="shapes")
+    assert run.succeeded == 2
+    assert bodies["/models/shapes"] == [0], "asked once"
+    assert min(bodies["/models/shapes/predict"]) > phone_jpeg_file.stat().st_size
+
+
+def test_cli_shrinks_by_default_and_not_with_no_shrink(
+        shapes_server: LiveServer, phone_jpeg_file: Path,
+        front_factory: Callable[[str, Rule], FrontServer]) -> None:
+    bodies: dict[str, list[int]] = {}
+    front = front_factory(shapes_server.url, recording(bodies))
+    labels = []
+    for extra in ([], ["--no-shrink"]):
+        result = run_cli("predict", str(phone_jpeg_file), "--url", front.url, "--json", *extra)
+        assert result.returncode == 0, result.stderr
+        labels.append(json.loads(result.stdout)["label"])
+    small, large = bodies["/predict"]
+    assert small < 20_000 < 2_000_000 < large
+    assert labels[0] == labels[1]

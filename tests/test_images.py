@@ -16,6 +16,7 @@ from deploykit.images import (
     DEFAULT_MAX_PIXELS,
     MAX_WHOLE_RESIZE_ASPECT,
     REDUCING_GAP,
+    SHRINK_MIN_FACTOR,
     ImageHeader,
     InvalidImageError,
     decode_image,
@@ -27,6 +28,7 @@ from deploykit.images import (
     preprocess_batch,
     probe_image,
     resize_and_crop,
+    shrink_image,
 )
 from tests.conftest import upscaled_photo
 
@@ -615,3 +617,65 @@ def test_load_image_and_load_tensor_take_the_target(phone_jpeg: bytes, tmp_path:
     assert load_image(path).size == (4032, 3024)
     np.testing.assert_array_equal(preprocess(load_image(path, target=SHAPES), SHAPES),
                                   load_tensor(phone_jpeg, SHAPES))
+
+
+# --- shrinking before upload: what `deploykit predict --shrink` sends ---------------------------------------
+
+
+@pytest.mark.parametrize("pp", FAST_PREPROCESS, ids=FAST_IDS)
+def test_a_shrunk_png_gives_the_server_the_tensor_of_the_original(phone_jpeg: bytes, pp: Preprocess) -> None:
+    shrunk = shrink_image(phone_jpeg, pp, image_format="PNG")
+    assert shrunk is not None
+    header = probe_image(shrunk)
+    resized = (pp.crop, pp.crop) if pp.resize is None else (int(pp.resize * 4032 / 3024), pp.resize)
+    assert (header.format, header.width, header.height) == ("PNG", *resized), "resized, not cropped"
+    # What the server computes from it (only a crop is left to do) is what it computes from the original.
+    np.testing.assert_array_equal(load_tensor(shrunk, pp), load_tensor(phone_jpeg, pp))
+
+
+@pytest.mark.parametrize("pp", FAST_PREPROCESS, ids=FAST_IDS)
+def test_a_shrunk_jpeg_is_tens_of_kilobytes_and_close(phone_jpeg: bytes, pp: Preprocess) -> None:
+    shrunk = shrink_image(phone_jpeg, pp)
+    assert shrunk is not None
+    assert probe_image(shrunk).format == "JPEG"
+    assert len(shrunk) < 60_000 < 2_000_000 < len(phone_jpeg)
+    mean, peak = differences(load_tensor(shrunk, pp), load_tensor(phone_jpeg, pp))
+    level = pp.scale / min(pp.std)  # one 8-bit level in the model's input units
+    # One to two levels on average (JPEG quality 95 of a grainy photo), about 15 at worst.
+    assert 0 < mean < 2.5 * level
+    assert peak < 20 * level
+
+
+def test_a_shrunk_portrait_photo_is_upright(phone_image: Image.Image) -> None:
+    data = with_orientation(phone_image.transpose(Image.Transpose.ROTATE_90), 6)
+    shrunk = shrink_image(data, IMAGENET, image_format="PNG")
+    assert shrunk is not None
+    assert decode_image(shrunk).size == (256, 341)
+    assert "exif" not in Image.open(io.BytesIO(shrunk)).info
+    np.testing.assert_array_equal(load_tensor(shrunk, IMAGENET), load_tensor(data, IMAGENET))
+
+
+def test_a_png_too_small_to_be_reduced_in_decoding_is_resized_by_the_client() -> None:
+    # 4x the target: over the 2x that makes it worth shrinking, under the 6x that reduces a PNG when decoded.
+    data = encode(phone_photo((400, 300), seed=3), "PNG")
+    shrunk = shrink_image(data, SHAPES, image_format="PNG")
+    assert shrunk is not None
+    assert probe_image(shrunk).width == 96
+    np.testing.assert_array_equal(load_tensor(shrunk, SHAPES), load_tensor(data, SHAPES, exact=True))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_images_under_twice_the_target_are_not_shrunk(fmt: str) -> None:
+    short = SHRINK_MIN_FACTOR * SHAPES.resize
+    assert shrink_image(encode(gradient(short + 10, short - 1), fmt), SHAPES) is None
+    assert shrink_image(encode(gradient(short + 10, short), fmt), SHAPES) is not None
+    # An extreme aspect ratio goes as it is: the server resizes only the part under its crop.
+    assert shrink_image(encode(gradient(160, 4000), fmt), SHAPES) is None
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_shrinking_refuses_what_decoding_refuses() -> None:
+    with pytest.raises(InvalidImageError, match="empty"):
+        shrink_image(b"", IMAGENET)
+    with pytest.raises(InvalidImageError, match="decompression bomb"):
+        shrink_image(_jpeg_claiming(10_000, 9_000), IMAGENET)

@@ -345,3 +345,22 @@ def test_cli_export_unknown_precision_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert proc.stdout == ""
     assert _files(tmp_path) == []
+
+
+def test_calibration_decodes_as_the_server_does(shapes_onnx: Path, phone_jpeg_file: Path,
+                                                tmp_path: Path) -> None:
+    """int8 ranges come from the inputs the served model sees: a phone photo decoded fast (load_tensor's
+    default, `deploykit serve`'s), not in full."""
+    from deploykit.images import load_tensor
+    from deploykit.optimize import _calibration_data
+
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    shutil.copy(phone_jpeg_file, folder / "phone.jpg")
+    card = read_card(shapes_onnx)
+    tensors, calibration, used = _calibration_data(card, folder, 10, lambda _message: None)
+    data = (folder / "phone.jpg").read_bytes()
+    assert calibration.images == 1
+    assert used == [(folder / "phone.jpg").resolve()]
+    np.testing.assert_array_equal(tensors[0], load_tensor(data, card.preprocess))
+    assert not np.array_equal(tensors[0], load_tensor(data, card.preprocess, exact=True))

@@ -335,6 +335,9 @@ def test_api_key_option_and_environment(shapes_onnx: Path, shapes_images: list[P
     (["{img}", "--url", "http://[bad"], "Invalid --url"),
     (["{img}", "--timeout", "nan"], "--timeout"),
     (["{img}", "--timeout", "inf"], "--timeout must be a positive, finite number"),
+    (["{img}", "--shrink", "--protocol", "v2"], "--shrink is only used with the REST protocol"),
+    (["{img}", "--no-shrink", "--model-file", "{onnx}"], "--no-shrink is only used with the REST protocol"),
+    (["{img}", "--shrink", "--exact-decode"], "give one or the other"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str, shapes_images: list[Path], shapes_onnx: Path,
                              tmp_path: Path) -> None:
@@ -484,3 +487,49 @@ def test_reader_closing_the_pipe_early_is_quiet(shapes_server: LiveServer, many_
     assert json.loads(first)["error"] is None
     assert "Traceback" not in stderr
     assert "BrokenPipe" not in stderr
+
+
+# ---- decoding: fast by default, as the server; --exact-decode as torchvision
+
+
+def torchvision_probabilities(path: Path, onnx_path: Path) -> np.ndarray:
+    """The model's probabilities on the image through torchvision's whole pipeline (a full decode)."""
+    from torchvision import transforms
+
+    from deploykit.runtime import Predictor
+
+    predictor = Predictor.open(onnx_path)
+    pp = predictor.card.preprocess
+    pipeline = transforms.Compose([transforms.Resize(pp.resize), transforms.CenterCrop(pp.crop),
+                                   transforms.ToTensor(), transforms.Normalize(pp.mean, pp.std)])
+    with Image.open(path) as image:
+        x = pipeline(image.convert("RGB")).numpy()[None]
+    return predictor.probabilities(x)[0]
+
+
+def by_index(result: ImageResult) -> dict[int, float]:
+    return {p.index: p.probability for p in result.top_k}
+
+
+def test_exact_decode_is_torchvisions_pipeline_locally_and_over_v2(
+        shapes_server: LiveServer, shapes_onnx: Path, phone_jpeg_file: Path) -> None:
+    from deploykit.images import load_tensor
+    from deploykit.runtime import Predictor
+
+    expected = torchvision_probabilities(phone_jpeg_file, shapes_onnx)
+    image = [str(phone_jpeg_file)]
+    local = predict_images(image, model_file=shapes_onnx, top_k=6, exact_decode=True).results[0]
+    v2 = predict_images(image, url=shapes_server.url, protocol="v2", top_k=6, exact_decode=True).results[0]
+    for result, atol in ((local, 1e-6), (v2, 1e-5)):  # V2's classification extension: 6 decimals
+        got = by_index(result)
+        np.testing.assert_allclose([got[i] for i in range(6)], expected, rtol=0, atol=atol)
+    # By default the photo is decoded at the size the model needs, as deploykit serve decodes it.
+    data = phone_jpeg_file.read_bytes()
+    predictor = Predictor.open(shapes_onnx)
+    fast = load_tensor(data, predictor.card.preprocess)
+    assert not np.array_equal(fast, load_tensor(data, predictor.card.preprocess, exact=True))
+    fast_expected = predictor.probabilities(fast[None])[0]
+    local_fast = by_index(predict_images(image, model_file=shapes_onnx, top_k=6).results[0])
+    assert [local_fast[i] for i in range(6)] == pytest.approx(fast_expected.tolist(), abs=1e-7)
+    served = by_index(predict_images(image, url=shapes_server.url, top_k=6, shrink=False).results[0])
+    assert [served[i] for i in range(6)] == pytest.approx(fast_expected.tolist(), abs=1e-6)

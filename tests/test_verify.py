@@ -527,3 +527,38 @@ def test_empty_images_folder_is_a_usage_error(shapes_onnx: Path, tmp_path: Path)
     result = run_cli("verify", str(shapes_onnx), "--images", str(tmp_path))
     assert result.returncode == 2
     assert "holds no image files" in result.stderr
+
+
+def test_images_check_reports_the_fast_vs_exact_decode_difference(shapes_onnx: Path,
+                                                                  shapes_images: list[Path],
+                                                                  phone_jpeg_file: Path,
+                                                                  tmp_path: Path) -> None:
+    """Parity is checked on fully decoded images; the check also says what fast decoding (serve's and
+    predict's default) changes: here a phone-size photo, decoded reduced, among small images that are not."""
+    from deploykit.verify import DecodeDiff
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in [*shapes_images[:2], phone_jpeg_file]:
+        shutil.copy(image, folder / image.name)
+    report = verify_model(shapes_onnx, images=folder, batch_sizes=(1,))
+    assert report, report.verdict
+    fast = report.check("images").fast_decode
+    assert isinstance(fast, DecodeDiff)
+    assert (fast.images, fast.differing) == (3, 1)
+    assert 0 < fast.mean_abs_diff < fast.max_abs_diff < 0.5  # a fraction of a level on average
+    assert fast.top1_agreement is not None
+    assert fast.top1_agreement in (2 / 3, 1.0)
+    data = report.to_dict()
+    images = _check(data, "images")
+    assert images["input"]["fast_decode"] == fast.to_dict()
+    assert set(fast.to_dict()) == {"images", "differing", "max_abs_diff", "mean_abs_diff", "top1_agreement"}
+    assert images["outputs"][0]["top1_agreement"] == 1.0  # parity itself is on the exact decode
+    assert "inputs differ on 1 of 3 images" in str(report)
+    result = run_cli("verify", str(shapes_onnx), "--images", str(folder), "--batch-size", "1")
+    assert result.returncode == 0, result.stderr
+    assert "fast vs exact decode: inputs differ on 1 of 3 images" in " ".join(result.stdout.split())
+    # The bundled images are too small to be decoded reduced: fast decoding is exact on them.
+    small = verify_model(shapes_onnx, batch_sizes=(1,)).check("images").fast_decode
+    assert small is not None
+    assert (small.differing, small.max_abs_diff, small.top1_agreement) == (0, 0.0, 1.0)

@@ -103,6 +103,15 @@ def predict(
                                        help="With --protocol v2: send tensors as binary data (Triton's "
                                        "extension) or as JSON \\[default: binary when the server lists "
                                        "binary_tensor_data in GET /v2]."),
+    shrink: bool | None = typer.Option(None, "--shrink/--no-shrink", show_default=False,
+                                       help="REST protocol: send a large photo re-encoded at the size the "
+                                       "model resizes it to (JPEG quality 95; the server only crops it) "
+                                       "instead of the whole file \\[default: on, off with --exact-decode]."),
+    exact_decode: bool = typer.Option(False, "--exact-decode",
+                                      help="Decode every image at full size, bit-identical to torchvision's "
+                                      "transforms, where this client decodes (--model-file, --protocol v2); "
+                                      "REST: send every image as it is \\[default: a large photo is decoded "
+                                      "at the size the model needs, as deploykit serve does]."),
     files_from: str | None = typer.Option(None, "--files-from", metavar="FILE",
                                           help="Read image paths from FILE, one per line ('-' for stdin)."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Classes per image."),
@@ -130,6 +139,7 @@ def predict(
     options: dict[str, Any] = {
         "url": url, "model": model, "model_file": model_file, "protocol": protocol.value, "card_file": card,
         "top_k": top_k, "concurrency": concurrency, "retries": retries, "timeout": timeout, "binary": binary,
+        "exact_decode": exact_decode, "shrink": shrink,
     }
     check_options(**options)  # before stdin is read
     sources = expand_inputs(images or [], files_from=files_from, stdin=sys.stdin.buffer)

@@ -79,6 +79,11 @@ def _render(result: ParityReport) -> None:
         diff = f"{max(o.max_abs_diff for o in c.outputs):.3g}" if c.outputs else ""
         top1 = f"{first.top1_agreement:.1%}" if first and first.top1_agreement is not None else ""
         table.add_row(c.name, Text(c.status, style=style[c.status]), diff, top1, Text(c.detail))
+        if c.fast_decode:
+            fast = c.fast_decode
+            # the input difference is in the detail: the diff column is of outputs
+            table.add_row("decode", Text("info", style="dim"), "", "" if fast.top1_agreement is None
+                          else f"{fast.top1_agreement:.1%}", Text(str(fast)))
     if result.latency:
         lat = result.latency
         table.add_row("latency", Text("info", style="dim"), "", "", Text(

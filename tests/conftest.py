@@ -48,7 +48,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_onnx(models_dir: Path) -> Path:
-    """The bundled example model (trained weights), exported once per session."""
+    """The bundled example model (trained weights), exported once per session, or taken from
+    $DEPLOYKIT_TEST_MODELS/shapes.onnx when that is set (`make test-lowest`, whose venv has no torch)."""
+    if os.environ.get("DEPLOYKIT_TEST_MODELS"):
+        return Path(os.environ["DEPLOYKIT_TEST_MODELS"], "shapes.onnx")
     from deploykit.export import export_model
 
     return export_model(SHAPES_FACTORY, output=models_dir / "shapes.onnx").path
@@ -72,7 +75,10 @@ def nan_shapes_onnx(shapes_onnx: Path, models_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def resnet18_onnx(models_dir: Path) -> Path:
-    """resnet18 with seeded random weights, exported once per session."""
+    """resnet18 with seeded random weights, exported once per session, or taken from
+    $DEPLOYKIT_TEST_MODELS/resnet18.onnx when that is set (`make test-lowest`, whose venv has no torch)."""
+    if os.environ.get("DEPLOYKIT_TEST_MODELS"):
+        return Path(os.environ["DEPLOYKIT_TEST_MODELS"], "resnet18.onnx")
     from deploykit.export import export_model
 
     return export_model("resnet18", weights="none", output=models_dir / "resnet18.onnx").path

@@ -63,12 +63,9 @@ def json_bytes(data: Any) -> bytes:
         return json.dumps(finite(data), separators=(",", ":")).encode()
 
 
-def json_response(
-    data: Any, status: int = 200, headers: Mapping[str, str] | None = None, *, raw: bytes | None = None
-) -> Response:
-    """A JSON answer (``raw``: bytes already encoded with :func:`json_bytes`)."""
-    body = raw if raw is not None else json_bytes(data)
-    return Response(body, status=status, headers=headers, mimetype="application/json")
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON answer."""
+    return Response(json_bytes(data), status=status, headers=headers, mimetype="application/json")
 
 
 def error_response(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:

@@ -218,9 +218,6 @@ class Registry:
             return "The models are still loading."
         return "The server is not ready."
 
-    def get(self, name: str) -> ModelEntry | None:
-        return self.entries.get(name)
-
     def known(self, name: str) -> ModelEntry:
         """The model named ``name``; 404 when there is none."""
         entry = self.entries.get(name)

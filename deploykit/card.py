@@ -17,7 +17,9 @@ from typing import Any
 from deploykit.errors import ModelFileError
 
 CARD_KEY = "deploykit.card"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The channel orders an input of each channel count can have; the first is the default.
+CHANNEL_ORDERS: dict[int, tuple[str, ...]] = {1: ("L",), 3: ("RGB", "BGR")}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 DTYPES = ("float32", "float16")
 
@@ -26,47 +28,75 @@ DTYPES = ("float32", "float16")
 class Preprocess:
     """How an image becomes the model's input tensor.
 
-    The shorter side is resized to ``resize`` (aspect ratio kept, as torchvision's ``Resize(int)``), the
-    centre ``crop`` x ``crop`` is cut out, pixels are scaled by ``scale`` then normalised with
-    ``mean``/``std`` in ``channel_order``, and laid out as ``layout``. ``resize`` None means: resize straight
-    to ``crop`` x ``crop``.
+    The image is converted to ``channel_order`` (``L``: one grayscale channel, by Pillow's ITU-R 601 luma
+    weights as torchvision's ``Grayscale``). Then its shorter side is resized to ``resize`` (aspect ratio
+    kept, as torchvision's ``Resize(int)``) and the centre ``height`` x ``width`` is cut out (zero-padded
+    where the resized image is smaller, as ``CenterCrop``); ``resize`` None means: resize straight to
+    ``height`` x ``width`` (``Resize((h, w))``). Pixels (0..255) are multiplied by ``scale`` (1/255: 0..1;
+    1: 0..255), normalised with one ``mean``/``std`` value per channel, and laid out as ``layout``.
     """
 
-    crop: int = 224
+    height: int = 224
+    width: int = 224
     resize: int | None = 256
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     scale: float = 1.0 / 255.0
+    channels: int = 3
     channel_order: str = "RGB"
     layout: str = "NCHW"
     dtype: str = "float32"
 
+    @property
+    def resize_mode(self) -> str:
+        """``shorter-side`` (resize the shorter side, then centre crop) or ``exact`` (resize to HxW)."""
+        return "exact" if self.resize is None else "shorter-side"
+
+    @property
+    def size_text(self) -> str:
+        """``224`` for a square input, ``HxW`` otherwise."""
+        return str(self.height) if self.height == self.width else f"{self.height}x{self.width}"
+
+    def summary(self) -> str:
+        """One line for people: ``RGB, shorter side 256, centre crop 224x224, bilinear, pixels 0..1, ...``."""
+        geometry = (f"resize to {self.height}x{self.width}" if self.resize is None
+                    else f"shorter side {self.resize}, centre crop {self.height}x{self.width}")
+        pixels = ("0..1" if math.isclose(self.scale, 1 / 255) else "0..255" if self.scale == 1
+                  else f"0..255 x {self.scale:g}")
+        return (f"{self.channel_order}, {geometry}, {self.interpolation}, pixels {pixels}, "
+                f"mean {list(self.mean)}, std {list(self.std)}, {self.layout}")
+
     def input_shape(self, batch: int | str = "batch") -> tuple[int | str, ...]:
         """The model input shape for one batch under this preprocessing."""
         if self.layout == "NCHW":
-            return (batch, 3, self.crop, self.crop)
-        return (batch, self.crop, self.crop, 3)
+            return (batch, self.channels, self.height, self.width)
+        return (batch, self.height, self.width, self.channels)
 
     def validate(self) -> None:
         """Raise ``ModelFileError`` naming the first invalid field."""
         problems = []
-        if self.crop <= 0:
-            problems.append(f"crop must be positive, got {self.crop}")
-        if self.resize is not None and self.resize < self.crop:
-            problems.append(f"resize ({self.resize}) must be at least crop ({self.crop})")
+        if self.height <= 0 or self.width <= 0:
+            problems.append(f"height and width must be positive, got {self.height}x{self.width}")
+        if self.resize is not None and self.resize < min(self.height, self.width):
+            problems.append(f"resize ({self.resize}) must be at least the smaller of height and width "
+                            f"({min(self.height, self.width)})")
         if self.interpolation not in INTERPOLATIONS:
             problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                             f"got {self.interpolation!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            problems.append("mean and std must have 3 values each")
+        if self.channels not in CHANNEL_ORDERS:
+            problems.append(f"channels must be 1 or 3, got {self.channels}")
+        elif self.channel_order not in CHANNEL_ORDERS[self.channels]:
+            problems.append(f"channel_order of a {self.channels}-channel input must be "
+                            f"{' or '.join(CHANNEL_ORDERS[self.channels])}, got {self.channel_order!r}")
+        elif len(self.mean) != self.channels or len(self.std) != self.channels:
+            problems.append(f"mean and std must have {self.channels} value{'s' if self.channels > 1 else ''} "
+                            f"each (one per channel), got {len(self.mean)} and {len(self.std)}")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
             problems.append(f"mean and std must be finite numbers, got mean {list(self.mean)}, "
                             f"std {list(self.std)}")
         if any(s == 0 for s in self.std):
             problems.append("std values must be non-zero")
-        if self.channel_order not in ("RGB", "BGR"):
-            problems.append(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
         if self.layout not in ("NCHW", "NHWC"):
             problems.append(f"layout must be NCHW or NHWC, got {self.layout!r}")
         if self.dtype not in DTYPES:
@@ -75,6 +105,34 @@ class Preprocess:
             problems.append(f"scale must be positive, got {self.scale}")
         if problems:
             raise ModelFileError("Invalid preprocessing in model card: " + "; ".join(problems) + ".")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "preprocess") -> Preprocess:
+        """Read the card's ``preprocess`` object (or a factory's ``deploykit_meta['preprocess']``), validated.
+
+        Schema 1's square ``crop`` is read as ``height`` and ``width``; a one-channel input defaults to the
+        ``L`` channel order.
+        """
+        crop = _field(data, "crop", int, default=_REQUIRED, where=where) if "crop" in data else _REQUIRED
+        height = _field(data, "height", int, default=crop, where=where)
+        width = _field(data, "width", int, default=crop, where=where)
+        channels = _field(data, "channels", int, default=3, where=where)
+        pp = cls(
+            height=height,
+            width=width,
+            resize=_field(data, "resize", int, default=None, where=where),
+            interpolation=_field(data, "interpolation", str, default="bilinear", where=where),
+            mean=_field(data, "mean", _floats, where=where),
+            std=_field(data, "std", _floats, where=where),
+            scale=_field(data, "scale", float, default=1.0 / 255.0, where=where),
+            channels=channels,
+            channel_order=_field(data, "channel_order", str, where=where,
+                                 default=CHANNEL_ORDERS.get(channels, ("RGB",))[0]),
+            layout=_field(data, "layout", str, default="NCHW", where=where),
+            dtype=_field(data, "dtype", str, default="float32", where=where),
+        )
+        pp.validate()
+        return pp
 
 
 @dataclass(frozen=True)
@@ -195,26 +253,14 @@ class ModelCard:
         """Build a card from its JSON form; raise ``ModelFileError`` naming the field that is wrong."""
         if not isinstance(data, Mapping):
             raise ModelFileError("Invalid model card: it is not a JSON object.")
-        version = _field(data, "schema_version", int, default=SCHEMA_VERSION)
+        version = _field(data, "schema_version", int, default=1)
         if version > SCHEMA_VERSION:
             raise ModelFileError(
                 f"Model card schema version {version} is newer than this deploykit understands "
                 f"({SCHEMA_VERSION}).",
                 hint="Upgrade deploykit: pip install -U deploykit",
             )
-        pp = _section(data, "preprocess")
-        preprocess = Preprocess(
-            crop=_field(pp, "crop", int, where="preprocess"),
-            resize=_field(pp, "resize", int, default=None, where="preprocess"),
-            interpolation=_field(pp, "interpolation", str, default="bilinear", where="preprocess"),
-            mean=_field(pp, "mean", _floats, where="preprocess"),
-            std=_field(pp, "std", _floats, where="preprocess"),
-            scale=_field(pp, "scale", float, default=1.0 / 255.0, where="preprocess"),
-            channel_order=_field(pp, "channel_order", str, default="RGB", where="preprocess"),
-            layout=_field(pp, "layout", str, default="NCHW", where="preprocess"),
-            dtype=_field(pp, "dtype", str, default="float32", where="preprocess"),
-        )
-        preprocess.validate()
+        preprocess = Preprocess.from_dict(_section(data, "preprocess"))
         fp = data.get("fingerprint")
         fingerprint = None
         if fp is not None:
@@ -252,7 +298,7 @@ class ModelCard:
             fingerprint=fingerprint,
             parity=_field(data, "parity", dict, default=None),
             quantization=_field(data, "quantization", dict, default=None),
-            schema_version=version,
+            schema_version=SCHEMA_VERSION,  # an older card is converted as it is read
         )
         if not card.inputs or not card.outputs:
             raise ModelFileError("Invalid model card: it lists no inputs or no outputs.")

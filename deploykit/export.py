@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from deploykit import __version__
-from deploykit.card import ModelCard, Preprocess, TensorSpec, write_card
+from deploykit.card import CHANNEL_ORDERS, ModelCard, Preprocess, TensorSpec, write_card
 from deploykit.compare import effective_atol
-from deploykit.errors import ExportError, UsageError, VerificationError, one_line
+from deploykit.errors import ExportError, ModelFileError, UsageError, VerificationError, one_line
 from deploykit.files import atomic_path, check_writable
 from deploykit.fingerprint import fingerprint_input, make_fingerprint
-from deploykit.sources import DEFAULT_SEED, LoadedModel, resolve_source
+from deploykit.sources import DEFAULT_SEED, LoadedModel, first_layer_channels, resolve_source
 
 if TYPE_CHECKING:
     import torch
@@ -129,10 +129,14 @@ def export_model(
     weights: str | None = "DEFAULT",
     trust_pickle: bool = False,
     labels_file: str | Path | None = None,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
     resize: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
+    resize_mode: str | None = None,
+    channels: int | None = None,
+    channel_order: str | None = None,
+    pixel_scale: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     static_batch: int | None = None,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
@@ -149,6 +153,9 @@ def export_model(
         model: torchvision name, ``timm:NAME``, ``hf:ORG/NAME`` or a Transformers folder, checkpoint or
             TorchScript path, or factory (see ``resolve_source``).
         output: target path; default ``<name>.onnx`` in the current folder.
+        input_size, resize, resize_mode, channels, channel_order, pixel_scale, mean, std: the input as the
+            model takes it, overriding what the source declares (see ``input_preprocess``); ``channels`` is
+            read from the model's first convolution where there is one.
         num_classes: timm and Hugging Face models: the class count of a fine-tuned head.
         static_batch: fix the batch dimension to this size instead of a dynamic one.
         exporter: ``auto`` (dynamo, falling back to TorchScript), ``dynamo`` or ``torchscript``.
@@ -169,6 +176,10 @@ def export_model(
     if not 7 <= opset <= 25:
         raise UsageError(f"--opset {opset} is out of range; use an opset between 7 and 25 "
                          f"(default {DEFAULT_OPSET}).")
+    options = InputOptions(size=(input_size, input_size) if isinstance(input_size, int) else input_size,
+                           resize=resize, resize_mode=resize_mode, channels=channels,
+                           channel_order=channel_order, pixel_scale=pixel_scale, mean=mean, std=std)
+    options.check()
     labels = _read_labels(labels_file) if labels_file else None
     if output is not None:
         if Path(output).is_dir():
@@ -181,7 +192,7 @@ def export_model(
     say(f"Loading {model}")
     loaded = resolve_source(model, arch=arch, weights=weights, trust_pickle=trust_pickle, seed=seed,
                             num_classes=num_classes)
-    preprocess = _preprocess(loaded.preprocess, input_size=input_size, resize=resize, mean=mean, std=std)
+    preprocess = input_preprocess(loaded.preprocess, options, first_layer=first_layer_channels(loaded.module))
     target = Path(output) if output else Path(f"{_safe_name(name or loaded.name)}.onnx")
 
     import torch
@@ -195,7 +206,8 @@ def export_model(
     except Exception as exc:  # the user's model code: any error type, usually a shape mismatch
         raise ExportError(
             f"The model failed on an input of shape {tuple(example.shape)}: {one_line(exc, with_type=True)}.",
-            hint="Pass --input-size (and --resize) matching the size the model expects; --debug shows where.",
+            hint="Pass --input-size (and --resize) matching the size the model expects, or --channels when "
+            "its first layer does not show how many it takes; --debug shows where.",
         ) from exc
     reference = _first_tensor(reference)
     if reference.ndim != 2:
@@ -304,31 +316,121 @@ def _labels_for(labels: list[str] | None, num_classes: int) -> list[str]:
     return labels
 
 
-def _preprocess(base: Preprocess, *, input_size: int | None, resize: int | None,
-                mean: tuple[float, float, float] | None,
-                std: tuple[float, float, float] | None) -> Preprocess:
-    changes: dict[str, Any] = {}
-    if input_size is not None:
-        if input_size < 8:
-            raise UsageError(f"--input-size must be at least 8, got {input_size}.")
-        if input_size > MAX_INPUT_SIZE:
-            raise UsageError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {input_size}.")
-        changes["crop"] = input_size
-        if resize is None and base.resize is not None:
-            changes["resize"] = max(input_size, round(input_size * base.resize / base.crop))
-    if resize is not None:
-        if resize > 2 * MAX_INPUT_SIZE:
-            raise UsageError(f"--resize must be at most {2 * MAX_INPUT_SIZE}, got {resize}.")
-        changes["resize"] = resize
+RESIZE_MODES = ("shorter-side", "exact")
+PIXEL_SCALES = (1, 255)
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """What the export options say about the model's input; None leaves the source's declaration."""
+
+    size: tuple[int, int] | None = None  # height, width
+    resize: int | None = None
+    resize_mode: str | None = None
+    channels: int | None = None
+    channel_order: str | None = None
+    pixel_scale: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def check(self) -> None:
+        """Raise ``UsageError`` for a value no model could take, before anything is loaded."""
+        for value in self.size or ():
+            if not 8 <= value <= MAX_INPUT_SIZE:
+                raise UsageError(f"--input-size must be between 8 and {MAX_INPUT_SIZE}, got {value}.")
+        if self.resize is not None and not 1 <= self.resize <= 2 * MAX_INPUT_SIZE:
+            raise UsageError(f"--resize must be between 1 and {2 * MAX_INPUT_SIZE}, got {self.resize}.")
+        if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
+            raise UsageError(f"--resize-mode must be {' or '.join(RESIZE_MODES)}, got {self.resize_mode!r}.")
+        if self.resize is not None and self.resize_mode == "exact":
+            raise UsageError("--resize sets the shorter side for --resize-mode shorter-side; --resize-mode "
+                             "exact resizes straight to --input-size.", hint="Drop one of the two.")
+        if self.channels is not None and self.channels not in CHANNEL_ORDERS:
+            raise UsageError(f"--channels must be 1 (grayscale) or 3 (colour), got {self.channels}.")
+        if self.channel_order is not None and self.channel_order not in CHANNEL_ORDERS[3]:
+            raise UsageError(f"--channel-order must be RGB or BGR, got {self.channel_order!r}.")
+        if self.channel_order is not None and self.channels == 1:
+            raise UsageError("--channel-order applies to 3-channel models, not to --channels 1 (grayscale).")
+        if self.pixel_scale is not None and self.pixel_scale not in PIXEL_SCALES:
+            raise UsageError("--pixel-scale must be 1 (pixels in 0..1) or 255 (pixels in 0..255), got "
+                             f"{self.pixel_scale}.")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def input_preprocess(base: Preprocess, options: InputOptions, *,
+                     first_layer: tuple[int, str] | None = None) -> Preprocess:
+    """The card's preprocessing: what the source declares (``base``), changed by the export options.
+
+    ``first_layer`` is the channel count the model's first convolution takes and its name
+    (``first_layer_channels``): it decides the channels unless ``--channels`` says otherwise (an error).
+    Where the options change the channels or the pixel scale, the source's mean and std no longer apply and
+    must be given; a changed channel order alone reverses them. Raises ``UsageError``, naming the option to
+    change, for a mismatch with the model or between options.
+    """
+    channels = options.channels
+    if first_layer is not None:
+        found, layer = first_layer
+        if found not in CHANNEL_ORDERS:
+            raise UsageError(f"The model's first layer, {layer}, takes {found} channels; deploykit feeds "
+                             "images as 1 (grayscale) or 3 (colour) channels.")
+        if channels is not None and channels != found:
+            raise UsageError(f"--channels {channels} does not fit the model: its first layer, {layer}, takes "
+                             f"{_count(found, 'channel')}.",
+                             hint=f"Pass --channels {found}, or leave it out.")
+        channels = found
+    channels = channels or base.channels
+    if options.channel_order is not None and channels == 1:
+        raise UsageError("--channel-order applies to 3-channel models; this one takes 1 channel (grayscale).")
+    order = options.channel_order or (base.channel_order if base.channels == channels
+                                      else CHANNEL_ORDERS[channels][0])
+    scale = {1: 1.0 / 255.0, 255: 1.0}[options.pixel_scale] if options.pixel_scale else base.scale
+    changes: dict[str, Any] = {"channels": channels, "channel_order": order, "scale": scale}
+
+    mean, std = options.mean, options.std
+    if mean is None or std is None:
+        missing = " and ".join(o for o, v in (("--mean", mean), ("--std", std)) if v is None)
+        if channels != base.channels:
+            example = ",".join(["0.5"] * channels)
+            raise UsageError(f"The model takes {_count(channels, 'channel')} where its source declares a "
+                             f"normalisation for {base.channels}: pass {missing} with "
+                             f"{_count(channels, 'value')} (for example --mean {example} --std {example}).")
+        if scale != base.scale:
+            zeros, ones = ",".join(["0"] * channels), ",".join(["1"] * channels)
+            raise UsageError(f"--pixel-scale {options.pixel_scale} changes the units of the normalisation: "
+                             f"pass {missing} in those units (for example --mean {zeros} --std {ones} for "
+                             "raw pixels).")
+        if order != base.channel_order:  # the same colour's statistics, in its new position
+            mean, std = mean or base.mean[::-1], std or base.std[::-1]
+    for option, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) != channels:
+            raise UsageError(f"{option} has {_count(len(values), 'value')}, but the model takes "
+                             f"{_count(channels, 'channel')}: give one value per channel.")
     if mean is not None:
         changes["mean"] = tuple(mean)
     if std is not None:
         changes["std"] = tuple(std)
+
+    if options.size is not None:
+        height, width = options.size
+        changes["height"], changes["width"] = height, width
+        if options.resize is None and options.resize_mode != "exact" and base.resize is not None:
+            # keep the source's ratio of resize to crop, against the larger side
+            base_side, side = max(base.height, base.width), max(height, width)
+            changes["resize"] = max(side, round(side * base.resize / base_side))
+    if options.resize_mode == "exact":
+        changes["resize"] = None
+    elif options.resize is not None:
+        changes["resize"] = options.resize
+    elif options.resize_mode == "shorter-side" and base.resize is None:
+        changes["resize"] = max(changes.get("height", base.height), changes.get("width", base.width))
     pp = replace(base, **changes)
     try:
         pp.validate()
-    except Exception as exc:
-        raise UsageError(str(exc).replace("in model card", "in the options")) from exc
+    except ModelFileError as exc:
+        raise UsageError(exc.message.replace("in model card", "in the options")) from exc
     return pp
 
 

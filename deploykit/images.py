@@ -1,8 +1,8 @@
 """Image decoding and preprocessing: the one implementation, driven by the model card.
 
 Used by verify, serve, predict and int8 calibration, so client and server cannot drift apart. It mirrors
-torchvision's PIL path (``Resize(int)`` then ``CenterCrop``, ``ToTensor``, ``Normalize``) with Pillow and
-NumPy only; it never imports torch.
+torchvision's PIL path (``Grayscale`` for a one-channel model, ``Resize(int)`` then ``CenterCrop``, or
+``Resize((h, w))``, ``ToTensor``, ``Normalize``) with Pillow and NumPy only; it never imports torch.
 
 Two ways to decode. Exact decodes the whole image, as torchvision's pipeline does, bit for bit. Fast (the
 default of ``load_tensor``) decodes a large image at about the size the model needs: a JPEG is decoded at
@@ -170,9 +170,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: P
     return to_rgb(opened) if reduced is None else reduced.finish()
 
 
+def _resize_target(pp: Preprocess) -> int:
+    """The shorter side a reduced decode must keep: the resize target, or (exact resize to HxW, in either
+    orientation) the larger of height and width."""
+    return pp.resize if pp.resize is not None else max(pp.height, pp.width)
+
+
 def _shrink_factor(width: int, height: int, pp: Preprocess, gap: int) -> int:
     """How many times the image can shrink with its shorter side staying ``gap`` times the resize target."""
-    return min(width, height) // ((pp.resize if pp.resize is not None else pp.crop) * gap)
+    return min(width, height) // (_resize_target(pp) * gap)
 
 
 def _dct_scale(width: int, height: int, pp: Preprocess) -> int:
@@ -335,8 +341,7 @@ def shrink_image(data: bytes, pp: Preprocess, *, max_pixels: int = DEFAULT_MAX_P
     the part under its crop). Raises ``InvalidImageError`` as ``decode_image`` does.
     """
     header = probe_image(data)
-    target = pp.resize if pp.resize is not None else pp.crop
-    if min(header.width, header.height) < SHRINK_MIN_FACTOR * target or _extreme_aspect(
+    if min(header.width, header.height) < SHRINK_MIN_FACTOR * _resize_target(pp) or _extreme_aspect(
             _resize_size(header.width, header.height, pp)):
         return None
     image = decode_image(data, max_pixels=max_pixels, target=pp)
@@ -368,7 +373,7 @@ def _resample(name: str) -> int:
 def _resize_size(width: int, height: int, pp: Preprocess) -> tuple[int, int]:
     """The size torchvision's ``Resize`` gives a ``width`` x ``height`` image under ``pp``."""
     if pp.resize is None:
-        return (pp.crop, pp.crop)
+        return (pp.width, pp.height)
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = pp.resize, int(pp.resize * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
@@ -379,28 +384,45 @@ def _extreme_aspect(size: tuple[int, int]) -> bool:
 
 
 def resize_and_crop(image: Image.Image, pp: Preprocess) -> Image.Image:
-    """Resize the shorter side to ``pp.resize`` and cut the centre ``pp.crop`` square, as torchvision does."""
+    """Resize the shorter side to ``pp.resize`` and cut the centre ``pp.height`` x ``pp.width``, as
+    torchvision's ``Resize`` and ``CenterCrop`` do (zero padding where the crop is larger than the image);
+    with ``pp.resize`` None, resize straight to that size."""
+    from PIL import Image
+
     resample = _resample(pp.interpolation)
     size = _resize_size(*image.size, pp)
     if pp.resize is None:
-        return image.resize(size, resample)
-    top = int(round((size[1] - pp.crop) / 2.0))
-    left = int(round((size[0] - pp.crop) / 2.0))
-    if _extreme_aspect(size):
-        # An extreme aspect ratio: resample only the source region under the crop, to the crop's size. The
-        # same filter at the same scale, so pixels differ from resizing the whole image by rounding only (at
-        # most a level or two), while memory stays that of one crop instead of growing with the ratio.
-        sx, sy = image.width / size[0], image.height / size[1]
-        box = (left * sx, top * sy, (left + pp.crop) * sx, (top + pp.crop) * sy)
-        return image.resize((pp.crop, pp.crop), resample, box=box)
-    if size != image.size:
-        image = image.resize(size, resample)
-    return image.crop((left, top, left + pp.crop, top + pp.crop))
+        return image if image.size == size else image.resize(size, resample)
+    crop_w, crop_h = pp.width, pp.height
+    left, top = _crop_offset(size[0], crop_w), _crop_offset(size[1], crop_h)
+    if not _extreme_aspect(size):
+        if size != image.size:
+            image = image.resize(size, resample)
+        # Pillow fills what lies outside the image with zeros, as CenterCrop's padding does.
+        return image.crop((left, top, left + crop_w, top + crop_h))
+    # An extreme aspect ratio: resample only the source region under the crop, to its final size. The same
+    # filter at the same scale, so pixels differ from resizing the whole image by rounding only (at most a
+    # level or two), while memory stays that of one crop instead of growing with the ratio.
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + crop_w, size[0]), min(top + crop_h, size[1])
+    sx, sy = image.width / size[0], image.height / size[1]
+    region = image.resize((x1 - x0, y1 - y0), resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    if region.size == (crop_w, crop_h):
+        return region
+    padded = Image.new(image.mode, (crop_w, crop_h))
+    padded.paste(region, (x0 - left, y0 - top))
+    return padded
+
+
+def _crop_offset(size: int, crop: int) -> int:
+    """Where CenterCrop starts a ``crop`` in a side of ``size``: negative (padding) when the crop is larger,
+    padding ``(crop - size) // 2`` before, the rest after, as torchvision does."""
+    return -((crop - size) // 2) if crop > size else int(round((size - crop) / 2.0))
 
 
 @lru_cache(maxsize=32)
 def _normalization_table(pp: Preprocess) -> np.ndarray:
-    """(3, 256) float32: the normalised value of every 8-bit level, per model input channel.
+    """(channels, 256) float32: the normalised value of every 8-bit level, per model input channel.
 
     The same float32 arithmetic as normalising the pixels one by one, so the result is bit-identical; a
     table lookup replaces three passes over the image with one.
@@ -414,18 +436,32 @@ def _normalization_table(pp: Preprocess) -> np.ndarray:
     return table
 
 
+def to_model_mode(image: Image.Image, pp: Preprocess) -> Image.Image:
+    """An image in the colours the model takes: RGB for RGB and BGR (the tensor swaps the channels), or
+    Pillow's ``L`` (ITU-R 601 luma, as torchvision's ``Grayscale``) for one channel."""
+    if pp.channels == 1:
+        return image if image.mode == "L" else to_rgb(image).convert("L")
+    return to_rgb(image)
+
+
 def preprocess(image: Image.Image, pp: Preprocess) -> np.ndarray:
-    """One RGB image to one input tensor (no batch axis), in the card's layout and dtype."""
-    pixels = np.asarray(resize_and_crop(image, pp))
+    """An image (RGB, as ``decode_image`` returns) to one input tensor (no batch axis) as the card says.
+
+    A one-channel model's image is converted to grayscale before it is resized, as ``Grayscale()`` first in
+    a torchvision pipeline does.
+    """
+    pixels = np.asarray(resize_and_crop(to_model_mode(image, pp), pp))
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
     table = _normalization_table(pp)
-    sources = (2, 1, 0) if pp.channel_order == "BGR" else (0, 1, 2)
+    sources = (2, 1, 0) if pp.channel_order == "BGR" else tuple(range(pp.channels))
     height, width = pixels.shape[:2]
     if pp.layout == "NCHW":
-        tensor = np.empty((3, height, width), dtype=np.float32)
+        tensor = np.empty((pp.channels, height, width), dtype=np.float32)
         for channel, source in enumerate(sources):
             np.take(table[channel], pixels[..., source], out=tensor[channel])
     else:
-        tensor = np.empty((height, width, 3), dtype=np.float32)
+        tensor = np.empty((height, width, pp.channels), dtype=np.float32)
         for channel, source in enumerate(sources):
             tensor[..., channel] = table[channel][pixels[..., source]]
     return tensor if pp.dtype == "float32" else tensor.astype(np.dtype(pp.dtype))

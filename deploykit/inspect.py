@@ -70,9 +70,7 @@ class InspectResult:
                 f"model card: {c.name} ({c.task}, {c.precision}, {c.num_classes} classes: {labels})",
                 f"  source: {c.source.kind} {c.source.name or c.source.path or ''} "
                 f"weights={c.source.weights}",
-                f"  preprocess: resize {pp.resize}, crop {pp.crop}, {pp.interpolation}, "
-                f"mean {list(pp.mean)}, "
-                f"std {list(pp.std)}, {pp.channel_order} {pp.layout}",
+                f"  preprocess: {pp.summary()}",
                 f"  exporter: {c.exporter}, opset {c.opset}, created {c.created}",
                 f"  fingerprint: {'yes' if c.fingerprint else 'no'}",
             ]

@@ -24,6 +24,7 @@ from deploykit.card import Preprocess, Source
 from deploykit.errors import (
     DeployKitError,
     MissingExtraError,
+    ModelFileError,
     ModelNotFoundError,
     UsageError,
     WeightsUnavailableError,
@@ -139,7 +140,8 @@ def _preprocess_from_weights(weights: Any) -> Preprocess:
     resize = getattr(transform, "resize_size", None)
     interpolation = getattr(transform, "interpolation", None)
     return Preprocess(
-        crop=crop,
+        height=crop,
+        width=crop,
         resize=int(_first(resize)) if resize is not None else None,
         interpolation=str(getattr(interpolation, "value", "bilinear")),
         mean=tuple(float(v) for v in getattr(transform, "mean", (0.485, 0.456, 0.406))),
@@ -535,15 +537,26 @@ def _apply_meta(loaded: LoadedModel, module: Any) -> LoadedModel:
     if meta.get("labels"):
         loaded.labels = [str(v) for v in meta["labels"]]
     if meta.get("preprocess"):
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in meta["preprocess"].items()}
         try:
-            loaded.preprocess = Preprocess(**fields)
-        except TypeError as exc:
-            raise UsageError(f"deploykit_meta['preprocess'] of the model is invalid: {exc}.") from exc
+            loaded.preprocess = Preprocess.from_dict(meta["preprocess"], where="deploykit_meta.preprocess")
+        except ModelFileError as exc:
+            raise UsageError(f"deploykit_meta['preprocess'] of the model is invalid: {exc.message}") from exc
     if meta.get("output_kind"):
         loaded.output_kind = str(meta["output_kind"])
     return loaded
+
+
+def first_layer_channels(module: Any) -> tuple[int, str] | None:
+    """The input channels of the model's first 2-D convolution (a CNN's stem, a ViT's patch embedding) and the
+    layer's name; None when the model has none (TorchScript's included, by its original class name)."""
+    for name, layer in module.named_modules():
+        if type(layer).__name__ == "Conv2d" or getattr(layer, "original_name", None) == "Conv2d":
+            weight = getattr(layer, "weight", None)
+            if weight is None or weight.dim() != 4:
+                return None
+            channels = int(weight.shape[1]) * int(getattr(layer, "groups", 1))
+            return channels, f"{name or 'the model'!r} (Conv2d)"
+    return None
 
 
 def rebuild_source(source: Source) -> LoadedModel:
@@ -697,10 +710,12 @@ def _timm_preprocess(timm: Any, module: Any) -> Preprocess:
     from timm.data import resolve_model_data_config
 
     config = resolve_model_data_config(module)
-    _, height, width = config["input_size"]
+    channels, height, width = (int(v) for v in config["input_size"])
     if height != width:
-        raise UsageError(f"timm's data config asks for a {height}x{width} input; deploykit exports square "
-                         "inputs only.", hint="Pass --input-size to choose a square size.")
+        # timm then resizes to (h, w) / crop_pct exactly and crops (h, w): not one of the card's resize modes
+        raise UsageError(f"timm's data config asks for a {height}x{width} input, whose eval transform "
+                         "deploykit does not reproduce.",
+                         hint="Pass --input-size HxW and --resize-mode to choose one.")
     crop_pct = float(config.get("crop_pct") or 1.0)
     mode = config.get("crop_mode") or "center"
     if mode != "center":
@@ -708,9 +723,10 @@ def _timm_preprocess(timm: Any, module: Any) -> Preprocess:
                          hint="Pass --input-size and --resize to choose the geometry.")
     interpolation = str(config.get("interpolation") or "bilinear")
     return Preprocess(
-        crop=int(height), resize=max(int(height), math.floor(height / crop_pct)),
+        height=height, width=width, resize=max(height, math.floor(height / crop_pct)),
         interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
+        channels=channels, channel_order="L" if channels == 1 else "RGB",
     )
 
 
@@ -789,22 +805,29 @@ def _hf_preprocess(processor: Any, spec: str) -> Preprocess:
     do_crop = bool(getattr(processor, "do_center_crop", False))
     resample = getattr(processor, "resample", 2)
     interpolation = _PIL_RESAMPLE.get(int(resample), "bilinear") if resample is not None else "bilinear"
+    height: int
+    width: int
+    resize: int | None
     if "height" in size and "width" in size:
-        if size["height"] != size["width"]:
-            raise UsageError(f"{spec!r} resizes images to {size['height']}x{size['width']}; deploykit "
-                             "exports square inputs only.")
-        crop, resize = int(size["height"]), None
+        height, width, resize = int(size["height"]), int(size["width"]), None
         if do_crop and crop_size.get("height"):
-            crop, resize = int(crop_size["height"]), int(size["height"])
+            if height != width:
+                raise UsageError(f"{spec!r} resizes images to {height}x{width} and then crops them, which "
+                                 "deploykit does not reproduce.",
+                                 hint="Pass --input-size HxW and --resize-mode to choose the geometry.")
+            height = width = int(crop_size["height"])
+            resize = int(size["height"])
     elif "shortest_edge" in size:
         edge = int(size["shortest_edge"])
         crop_pct = getattr(processor, "crop_pct", None)
         if crop_pct is not None and not do_crop:
-            crop, resize = edge, (int(edge / float(crop_pct)) if edge < 384 else None)
+            height = width = edge
+            resize = int(edge / float(crop_pct)) if edge < 384 else None
         elif do_crop and crop_size.get("height"):
-            crop, resize = int(crop_size["height"]), edge
+            height, resize = int(crop_size["height"]), edge
+            width = int(crop_size.get("width") or height)
         else:
-            crop, resize = edge, edge
+            height = width = resize = edge
     else:
         raise UsageError(f"The image processor of {spec!r} has a size deploykit does not understand: {size}.")
     normalize = bool(getattr(processor, "do_normalize", True))
@@ -812,4 +835,5 @@ def _hf_preprocess(processor: Any, spec: str) -> Preprocess:
     std = tuple(float(v) for v in processor.image_std) if normalize else (1.0, 1.0, 1.0)
     scale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) \
         else 1.0
-    return Preprocess(crop=crop, resize=resize, interpolation=interpolation, mean=mean, std=std, scale=scale)
+    return Preprocess(height=height, width=width, resize=resize, interpolation=interpolation, mean=mean,
+                      std=std, scale=scale)

@@ -340,7 +340,7 @@ def _image_preprocess(card_pp: Preprocess, declared: Preprocess | None) -> Prepr
     Geometry (crop, resize, interpolation) is a legitimate export choice (``--input-size``); normalisation is
     a property of how the model was trained, so the source's declaration wins over the card's.
     """
-    if declared is None:
+    if declared is None or declared.channels != card_pp.channels:  # the card's channels are the model's own
         return card_pp
     return replace(card_pp, mean=declared.mean, std=declared.std, scale=declared.scale,
                    channel_order=declared.channel_order)

@@ -30,7 +30,7 @@ def make_card(**changes: Any) -> ModelCard:
     card = ModelCard(
         name="shapes",
         labels=("circle", "square", "triangle"),
-        preprocess=Preprocess(crop=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        preprocess=Preprocess(height=64, width=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         inputs=(TensorSpec("input", ("batch", 3, 64, 64)),),
         outputs=(TensorSpec("logits", ("batch", 3)),),
         source=Source(kind="factory", name="examples/shapes/model.py:build", weights="factory", seed=0),
@@ -165,7 +165,7 @@ def test_missing_and_corrupt_onnx_files(tmp_path: Path) -> None:
         (("name",), "name"),
         (("labels",), "labels"),
         (("preprocess",), "preprocess"),
-        (("preprocess", "crop"), "preprocess.crop"),
+        (("preprocess", "height"), "preprocess.height"),
         (("preprocess", "mean"), "preprocess.mean"),
         (("inputs",), "inputs"),
         (("source",), "source"),
@@ -187,14 +187,14 @@ def test_missing_field_is_named(path: tuple[str, ...], field: str) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("crop", "big", "preprocess.crop"),
-        ("crop", 0, "crop must be positive"),
-        ("resize", 10, "resize (10) must be at least crop (64)"),
+        ("height", "big", "preprocess.height"),
+        ("width", 0, "height and width must be positive, got 64x0"),
+        ("resize", 10, "resize (10) must be at least the smaller of height and width (64)"),
         ("interpolation", "cubic-ish", "interpolation must be one of"),
-        ("mean", [0.5, 0.5], "mean and std must have 3 values"),
+        ("mean", [0.5, 0.5], "mean and std must have 3 values each (one per channel), got 2 and 3"),
         ("mean", "0.5", "preprocess.mean"),
         ("std", [0.2, 0.0, 0.2], "std values must be non-zero"),
-        ("channel_order", "RBG", "channel_order must be RGB or BGR"),
+        ("channel_order", "RBG", "channel_order of a 3-channel input must be RGB or BGR"),
         ("layout", "CHW", "layout must be NCHW or NHWC"),
         ("dtype", "int8", "dtype must be one of"),
         ("scale", -1, "scale must be positive"),
@@ -239,6 +239,56 @@ def test_newer_schema_version_asks_for_an_upgrade() -> None:
     assert "pip install -U deploykit" in str(info.value)
 
 
+def test_a_schema_1_card_is_read_as_the_current_schema() -> None:
+    data = make_card().to_dict()
+    data["schema_version"] = 1
+    pp = data["preprocess"]
+    pp["crop"] = pp.pop("height")
+    del pp["width"], pp["channels"]
+    card = ModelCard.from_dict(data)
+    assert (card.preprocess.height, card.preprocess.width, card.preprocess.channels) == (64, 64, 3)
+    assert card == make_card()
+    assert card.to_dict()["schema_version"] == SCHEMA_VERSION == 2
+    assert "crop" not in card.to_dict()["preprocess"]
+
+
+def test_grayscale_and_non_square_inputs() -> None:
+    gray = Preprocess(height=28, width=28, resize=None, channels=1, channel_order="L", mean=(0.5,),
+                      std=(0.25,))
+    gray.validate()
+    assert gray.input_shape() == ("batch", 1, 28, 28)
+    assert gray.summary() == ("L, resize to 28x28, bilinear, pixels 0..1, mean [0.5], std [0.25], NCHW")
+    wide = Preprocess(height=64, width=192, resize=64, layout="NHWC", scale=1.0)
+    wide.validate()
+    assert wide.input_shape(2) == (2, 64, 192, 3)
+    assert wide.summary().startswith("RGB, shorter side 64, centre crop 64x192, bilinear, pixels 0..255")
+    data = make_card(preprocess=gray).to_dict()
+    assert data["preprocess"] | {"mean": None, "std": None} == {
+        "height": 28, "width": 28, "resize": None, "interpolation": "bilinear", "mean": None, "std": None,
+        "scale": 1 / 255, "channels": 1, "channel_order": "L", "layout": "NCHW", "dtype": "float32"}
+    del data["preprocess"]["channel_order"]  # one channel: L is the only order, so the default
+    assert ModelCard.from_dict(data).preprocess == gray
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"channels": 1, "channel_order": "RGB", "mean": (0.5,), "std": (0.5,)},
+         "channel_order of a 1-channel input must be L, got 'RGB'"),
+        ({"channels": 1, "channel_order": "L"},
+         "mean and std must have 1 value each (one per channel), got 3"),
+        ({"channels": 4}, "channels must be 1 or 3, got 4"),
+        ({"channel_order": "L"}, "channel_order of a 3-channel input must be RGB or BGR, got 'L'"),
+        ({"height": 32, "width": 96, "resize": 31}, "resize (31) must be at least the smaller of height and "
+         "width (32)"),
+    ],
+)
+def test_inconsistent_channels_and_sizes_are_named(changes: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ModelFileError) as info:
+        Preprocess(**changes).validate()
+    assert expected in str(info.value)
+
+
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     data = make_card().to_dict()
     data["something_new"] = {"added": "in a later minor release"}
@@ -256,9 +306,10 @@ def test_invalid_json_and_non_objects() -> None:
 
 
 def test_write_card_refuses_invalid_preprocessing() -> None:
-    bad = make_card(preprocess=Preprocess(crop=64, resize=32))
+    bad = make_card(preprocess=Preprocess(height=64, width=64, resize=32))
     with pytest.raises(ModelFileError, match="resize"):
         write_card(tiny_onnx(), bad)
-    not_a_number = make_card(preprocess=Preprocess(crop=64, resize=None, mean=(float("nan"), 0.5, 0.5)))
+    not_a_number = make_card(preprocess=Preprocess(height=64, width=64, resize=None,
+                                                   mean=(float("nan"), 0.5, 0.5)))
     with pytest.raises(ModelFileError, match="must be finite"):
         write_card(tiny_onnx(), not_a_number)

@@ -134,7 +134,7 @@ def test_inspect_json_works_without_torch(
     assert 11_000_000 < info["parameters"] < 12_000_000  # resnet18 has 11.7 M
     assert info["card"]["name"] == "resnet18"
     assert len(info["card"]["labels"]) == 1000
-    assert info["card"]["preprocess"]["crop"] == 224
+    assert info["card"]["preprocess"]["height"] == 224
     report = json.loads(probe.read_text())
     assert report == {"attempts": [], "loaded": []}, "inspect must not even try to import torch"
 
@@ -176,7 +176,7 @@ def test_inspect_human_output_is_plain_when_piped(
     assert "\x1b[" not in proc.stdout, "no colour codes when stdout is not a terminal"
     assert "inputs:  input ['batch', 3, 224, 224] float32" in proc.stdout
     assert "model card: resnet18 (image-classification, fp32, 1000 classes: tench" in proc.stdout
-    assert "preprocess: resize 256, crop 224, bilinear" in proc.stdout
+    assert "preprocess: RGB, shorter side 256, centre crop 224x224, bilinear" in proc.stdout
 
 
 # --- exit codes and one-line errors -------------------------------------------------------------------------
@@ -304,7 +304,8 @@ def test_typer_validation_errors_exit_2(tmp_path: Path) -> None:
         (["export", "resnet18", "--labels", str(tmp_path / "missing.txt")],
          ("Invalid value for '--labels'", "missing.txt' does not exist")),
         (["export", "resnet18", "--mean", "0.5,0.5"],
-         ("Invalid value for --mean", "expected three comma-separated numbers, got '0.5,0.5'")),
+         ("Invalid value for --mean",
+          "expected one number per channel (1 or 3, comma-separated), got '0.5,0.5'")),
         (["export", "resnet18", "--static-batch", "many"], ("Invalid value for '--static-batch'",)),
         (["inspect", str(tmp_path / "missing.onnx")], ("Invalid value for", "missing.onnx' does not exist")),
         (["export", "resnet18", "--no-such-option"], ("No such option: --no-such-option",)),

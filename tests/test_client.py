@@ -415,7 +415,7 @@ def test_v2_errors_carry_the_servers_message_on_one_line(
 def test_v2_card_that_does_not_fit_the_served_model_is_refused(shapes_server: LiveServer,
                                                                shapes_onnx: Path) -> None:
     card = read_card(shapes_onnx)
-    smaller = card.replace(preprocess=dataclasses.replace(card.preprocess, crop=32, resize=None))
+    smaller = card.replace(preprocess=dataclasses.replace(card.preprocess, height=32, width=32, resize=None))
     with PredictClient(shapes_server.url) as client, pytest.raises(UsageError) as info:
         client.v2_plan("shapes", smaller)
     assert "takes 'input' of shape [-1, 3, 64, 64], but the card's preprocessing makes [-1, 3, 32, 32]" in \

@@ -65,7 +65,7 @@ def test_zoo_runs_in_onnxruntime_at_batch_1_and_7(
     [model_input] = session.get_inputs()
     assert model_input.name == "input"
     assert isinstance(model_input.shape[0], str), "the batch dimension must be dynamic"
-    size = zoo.card.preprocess.crop
+    size = zoo.card.preprocess.height
     reference = _reference(zoo.name)
     for batch in (1, 7):
         x = np.random.default_rng(batch).standard_normal((batch, 3, size, size), dtype=np.float32)
@@ -100,7 +100,7 @@ def test_zoo_card(zoo: Exported, record_property: pytest.RecordProperty) -> None
     assert card.input.shape == ("batch", 3, crop, crop)
     assert card.output.shape == ("batch", 1000)
     pp = card.preprocess
-    assert pp.crop == crop
+    assert (pp.height, pp.width) == (crop, crop)
     assert pp.resize == transform.resize_size[0]
     assert pp.interpolation == transform.interpolation.value
     assert pp.mean == tuple(transform.mean)
@@ -200,7 +200,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def run(path: Path, batch: int) -> np.ndarray:
     card = read_card(path)
-    shape = [batch, 3, card.preprocess.crop, card.preprocess.crop]
+    shape = [batch, 3, card.preprocess.height, card.preprocess.width]
     x = np.random.default_rng(batch).standard_normal(shape, dtype=np.float32)
     return create_session(path).run(None, {card.input.name: x})[0]
 
@@ -252,7 +252,8 @@ def test_static_batch(tiny: str, tmp_path: Path) -> None:
 def test_input_size_scales_the_resize(tiny: str, tmp_path: Path) -> None:
     result = export_model(tiny, output=tmp_path / "big.onnx", input_size=64)
     pp = read_card(result.path).preprocess
-    assert (pp.crop, pp.resize) == (64, 80)  # keeps the 40/32 ratio of the model's own preprocessing
+    # keeps the 40/32 ratio of the model's own preprocessing
+    assert (pp.height, pp.width, pp.resize) == (64, 64, 80)
     assert run(result.path, 3).shape == (3, 5)
     result = export_model(
         tiny,
@@ -263,7 +264,7 @@ def test_input_size_scales_the_resize(tiny: str, tmp_path: Path) -> None:
         std=(0.4, 0.5, 0.6),
     )
     pp = read_card(result.path).preprocess
-    assert (pp.crop, pp.resize, pp.mean, pp.std) == (48, 50, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert (pp.height, pp.width, pp.resize, pp.mean, pp.std) == (48, 48, 50, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
 
 
 def test_opset(tiny: str, tmp_path: Path) -> None:
@@ -333,14 +334,15 @@ def test_bad_labels_files(tiny: str, tmp_path: Path) -> None:
         ({"static_batch": 0}, "--static-batch must be at least 1"),
         ({"opset": 5}, "--opset 5 is out of range"),
         ({"exporter": "tensorrt"}, "Unknown exporter 'tensorrt'"),
-        ({"input_size": 4}, "--input-size must be at least 8"),
-        ({"input_size": 100_000}, "--input-size must be at most 4096"),
-        ({"resize": 100_000}, "--resize must be at most 8192"),
+        ({"input_size": 4}, "--input-size must be between 8 and 4096, got 4"),
+        ({"input_size": (64, 100_000)}, "--input-size must be between 8 and 4096, got 100000"),
+        ({"resize": 100_000}, "--resize must be between 1 and 8192, got 100000"),
         ({"seed": -1}, "--seed must be between 0 and 4294967295"),
         ({"mean": (float("nan"), 0.0, 0.0)}, "mean and std must be finite numbers"),
         ({"std": (float("inf"), 1.0, 1.0)}, "mean and std must be finite numbers"),
         ({"atol": -1.0}, "must not be negative"),
-        ({"input_size": 64, "resize": 32}, "resize (32) must be at least crop (64)"),
+        ({"input_size": 64, "resize": 32},
+         "resize (32) must be at least the smaller of height and width (64)"),
     ],
 )
 def test_invalid_options(kwargs: dict[str, object], message: str, tiny: str, tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def test_export_a_save_pretrained_folder(kind: str, crop: int, resize: int | Non
     assert card.output.name == "logits"
     assert (card.source.kind, card.source.path) == ("hf", str(folder.resolve()))
     pp = card.preprocess
-    assert (pp.crop, pp.resize, pp.interpolation) == (crop, resize, interpolation)
+    assert (pp.height, pp.width, pp.resize, pp.interpolation) == (crop, crop, resize, interpolation)
     assert pp.mean == (0.5, 0.5, 0.5)
 
     model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()

@@ -226,6 +226,8 @@ def test_image_file_listing(tmp_path: Path) -> None:
 
 
 def _torchvision_pipeline(pp: Preprocess):  # noqa: ANN202 - torchvision types stay out of the signature
+    """The card's preprocessing written with torchvision's transforms, as a training script would."""
+    import torch
     from torchvision import transforms
 
     mode = {
@@ -233,10 +235,17 @@ def _torchvision_pipeline(pp: Preprocess):  # noqa: ANN202 - torchvision types s
         "bicubic": transforms.InterpolationMode.BICUBIC,
         "nearest": transforms.InterpolationMode.NEAREST,
     }[pp.interpolation]
-    resize = transforms.Resize(pp.resize if pp.resize is not None else (pp.crop, pp.crop), interpolation=mode)
-    return transforms.Compose(
-        [resize, transforms.CenterCrop(pp.crop), transforms.ToTensor(), transforms.Normalize(pp.mean, pp.std)]
-    )
+    steps = [transforms.Grayscale()] if pp.channels == 1 else []
+    steps += [
+        transforms.Resize(pp.resize if pp.resize is not None else (pp.height, pp.width), interpolation=mode),
+        transforms.CenterCrop((pp.height, pp.width)),
+        transforms.PILToTensor(),
+        transforms.Lambda(lambda t: t.to(torch.float32) * pp.scale),
+    ]
+    if pp.channel_order == "BGR":  # an OpenCV-trained model: cv2.imread's BGR
+        steps.append(transforms.Lambda(lambda t: t.flip(0)))
+    steps.append(transforms.Normalize(pp.mean, pp.std))
+    return transforms.Compose(steps)
 
 
 @pytest.mark.parametrize(
@@ -257,31 +266,48 @@ def _torchvision_pipeline(pp: Preprocess):  # noqa: ANN202 - torchvision types s
     "pp",
     [
         Preprocess(),  # ImageNet: Resize(256), CenterCrop(224), bilinear
-        Preprocess(crop=299, resize=342),  # inception_v3
-        Preprocess(crop=224, resize=232, interpolation="bicubic"),  # swin_t
-        Preprocess(crop=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),  # the shapes example
-        Preprocess(crop=96, resize=None),  # straight resize to the crop size
+        Preprocess(height=299, width=299, resize=342),  # inception_v3
+        Preprocess(height=224, width=224, resize=232, interpolation="bicubic"),  # swin_t
+        # the shapes example
+        Preprocess(height=64, width=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        # straight resize to the crop size
+        Preprocess(height=96, width=96, resize=None),
+        Preprocess(height=28, width=28, resize=None, channels=1, channel_order="L", mean=(0.13,),
+                   std=(0.31,)),
+        Preprocess(height=56, width=56, resize=64, channels=1, channel_order="L", mean=(0.5,), std=(0.2,)),
+        Preprocess(height=128, width=64, resize=None),  # person re-identification: Resize((256, 128))
+        Preprocess(height=32, width=192, resize=None, interpolation="bicubic"),  # a text line
+        # a wide centre crop of a shorter side of 160
+        Preprocess(height=96, width=160, resize=160),
+        # a crop wider than some resized images: zero padding
+        Preprocess(height=64, width=200, resize=100),
+        Preprocess(scale=1.0, channel_order="BGR", mean=(103.53, 116.28, 123.675),
+                   std=(57.375, 57.12, 58.395)),
     ],
-    ids=["imagenet", "inception", "bicubic", "shapes", "no-resize"],
+    ids=["imagenet", "inception", "bicubic", "shapes", "no-resize", "gray-28", "gray-crop", "reid",
+         "text-line", "wide-crop", "padded", "bgr-255"],
 )
 def test_preprocess_matches_torchvision(size: tuple[int, int], pp: Preprocess) -> None:
     image = gradient(*size, seed=size[0])
     ours = preprocess(image, pp)
     theirs = _torchvision_pipeline(pp)(image).numpy()
-    assert ours.shape == theirs.shape == (3, pp.crop, pp.crop)
+    assert ours.shape == theirs.shape == (pp.channels, pp.height, pp.width)
     assert ours.dtype == np.float32
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    # float32 rounding: 1e-5 for pixels in 0..1, more for pixels in 0..255 over a std under 255
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * max(1.0, pp.scale * 255 / min(pp.std)))
 
 
 @pytest.mark.parametrize("size", [(20, 2000), (3000, 40)])
-def test_extreme_aspect_ratio_resizes_only_the_crop(size: tuple[int, int]) -> None:
-    # Past MAX_WHOLE_RESIZE_ASPECT only the region under the crop is resampled: the pixels stay within two
-    # 8-bit levels of torchvision's whole-image resize.
+@pytest.mark.parametrize("pp", [Preprocess(), Preprocess(height=64, width=300, resize=100)],
+                         ids=["square", "padded"])
+def test_extreme_aspect_ratio_resizes_only_the_crop(size: tuple[int, int], pp: Preprocess) -> None:
+    # Past MAX_WHOLE_RESIZE_ASPECT only the region under the crop is resampled (and padded where the crop is
+    # wider than the resized image): the pixels stay within two 8-bit levels of torchvision's whole resize.
     assert max(size) / min(size) > MAX_WHOLE_RESIZE_ASPECT
     image = gradient(*size, seed=7)
-    pp = Preprocess()
     ours = preprocess(image, pp)
     theirs = _torchvision_pipeline(pp)(image).numpy()
+    assert ours.shape == theirs.shape == (3, pp.height, pp.width)
     levels = np.abs(ours - theirs) * np.asarray(pp.std, dtype=np.float32)[:, None, None] * 255
     assert levels.max() <= 2.01
 
@@ -327,7 +353,8 @@ def test_preprocess_batch_stacks() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_preprocess_is_bit_identical_to_pixelwise_normalisation(layout: str, order: str, dtype: str) -> None:
     """The lookup table must give exactly what normalising each float32 pixel gives."""
-    pp = Preprocess(crop=64, resize=72, mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3), channel_order=order,
+    pp = Preprocess(height=64, width=64, resize=72, mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3),
+                    channel_order=order,
                     layout=layout, dtype=dtype)
     rng = np.random.default_rng(7)
     image = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))  # every level occurs
@@ -347,14 +374,18 @@ def test_preprocess_is_bit_identical_to_pixelwise_normalisation(layout: str, ord
 # --- fast decoding: large images decoded at the size the model needs ----------------------------------------
 
 IMAGENET = Preprocess()
-SHAPES = Preprocess(crop=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+SHAPES = Preprocess(height=64, width=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 FAST_PREPROCESS = [
     IMAGENET,
     SHAPES,
-    Preprocess(crop=224, resize=232, interpolation="bicubic"),
-    Preprocess(crop=96, resize=None),
+    Preprocess(height=224, width=224, resize=232, interpolation="bicubic"),
+    Preprocess(height=96, width=96, resize=None),
+    Preprocess(height=28, width=28, resize=None, channels=1, channel_order="L", mean=(0.5,), std=(0.25,)),
+    Preprocess(height=128, width=64, resize=None),
+    Preprocess(height=96, width=160, resize=160, channel_order="BGR", scale=1.0, mean=(104.0, 117.0, 124.0),
+               std=(58.0, 57.0, 57.0)),
 ]
-FAST_IDS = ["imagenet", "shapes", "bicubic", "no-resize"]
+FAST_IDS = ["imagenet", "shapes", "bicubic", "no-resize", "gray", "reid", "bgr-255-wide"]
 
 
 def phone_photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -394,6 +425,11 @@ def with_orientation(upright: Image.Image, orientation: int, fmt: str = "JPEG") 
     return encode(stored, fmt, exif=exif.tobytes(), **params)
 
 
+def levels_per_unit(pp: Preprocess) -> float:
+    """How many normalised units one 8-bit level is, relative to ImageNet's preprocessing (1/255/0.226)."""
+    return float(pp.scale / np.mean(pp.std)) / (1 / 255 / 0.226)
+
+
 def differences(fast: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
     assert fast.shape == exact.shape
     diff = np.abs(fast.astype(np.float64) - exact)
@@ -404,9 +440,9 @@ def differences(fast: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
 def test_fast_decode_of_a_phone_photo_is_close_to_the_full_decode(phone_jpeg: bytes, pp: Preprocess) -> None:
     fast = load_tensor(phone_jpeg, pp)
     exact = load_tensor(phone_jpeg, pp, exact=True)
-    assert fast.shape == exact.shape == (3, pp.crop, pp.crop)
+    assert fast.shape == exact.shape == (pp.channels, pp.height, pp.width)
     assert fast.dtype == np.float32
-    mean, peak = differences(fast, exact)
+    mean, peak = differences(fast / levels_per_unit(pp), exact / levels_per_unit(pp))
     # A quarter to half an 8-bit level on average (one level is 1/255/std, about 0.017 here).
     assert mean < 0.015
     assert peak < 0.35
@@ -422,10 +458,11 @@ def test_fast_decode_returns_the_resized_image_and_decodes_at_one_eighth(phone_j
     assert header == ImageHeader(4032, 3024, "JPEG", "RGB")
     assert header.decoded_pixels(IMAGENET) == 504 * 378  # decoded at 1/8 scale: 3024 / 8 >= 256
     assert header.decoded_pixels(IMAGENET, exact=True) == header.pixels == 4032 * 3024
-    assert header.decoded_pixels(Preprocess(crop=224, resize=512)) == 1008 * 756  # 1/4 keeps >= 512
+    assert header.decoded_pixels(Preprocess(height=224, width=224, resize=512)) == 1008 * 756  # 1/4: >= 512
 
 
-@pytest.mark.parametrize("pp", [IMAGENET, SHAPES, Preprocess(crop=224, resize=232, interpolation="bicubic")],
+@pytest.mark.parametrize("pp", [IMAGENET, SHAPES,
+                                Preprocess(height=224, width=224, resize=232, interpolation="bicubic")],
                          ids=FAST_IDS[:3])
 def test_exact_mode_is_todays_decode_and_torchvisions_pipeline(phone_jpeg: bytes, pp: Preprocess) -> None:
     exact = load_tensor(phone_jpeg, pp, exact=True)
@@ -438,7 +475,8 @@ def test_exact_mode_is_todays_decode_and_torchvisions_pipeline(phone_jpeg: bytes
 
     mode = {"bilinear": transforms.InterpolationMode.BILINEAR,
             "bicubic": transforms.InterpolationMode.BICUBIC}[pp.interpolation]
-    cropped = transforms.CenterCrop(pp.crop)(transforms.Resize(pp.resize, interpolation=mode)(reference))
+    resized = transforms.Resize(pp.resize, interpolation=mode)(reference)
+    cropped = transforms.CenterCrop((pp.height, pp.width))(resized)
     ours = resize_and_crop(decode_image(phone_jpeg), pp)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(cropped))
     np.testing.assert_allclose(exact, _torchvision_pipeline(pp)(reference).numpy(), rtol=0, atol=1e-6)
@@ -627,7 +665,7 @@ def test_a_shrunk_png_gives_the_server_the_tensor_of_the_original(phone_jpeg: by
     shrunk = shrink_image(phone_jpeg, pp, image_format="PNG")
     assert shrunk is not None
     header = probe_image(shrunk)
-    resized = (pp.crop, pp.crop) if pp.resize is None else (int(pp.resize * 4032 / 3024), pp.resize)
+    resized = (pp.width, pp.height) if pp.resize is None else (int(pp.resize * 4032 / 3024), pp.resize)
     assert (header.format, header.width, header.height) == ("PNG", *resized), "resized, not cropped"
     # What the server computes from it (only a crop is left to do) is what it computes from the original.
     np.testing.assert_array_equal(load_tensor(shrunk, pp), load_tensor(phone_jpeg, pp))

@@ -500,7 +500,7 @@ def torchvision_probabilities(path: Path, onnx_path: Path) -> np.ndarray:
 
     predictor = Predictor.open(onnx_path)
     pp = predictor.card.preprocess
-    pipeline = transforms.Compose([transforms.Resize(pp.resize), transforms.CenterCrop(pp.crop),
+    pipeline = transforms.Compose([transforms.Resize(pp.resize), transforms.CenterCrop((pp.height, pp.width)),
                                    transforms.ToTensor(), transforms.Normalize(pp.mean, pp.std)])
     with Image.open(path) as image:
         x = pipeline(image.convert("RGB")).numpy()[None]

@@ -130,7 +130,7 @@ def test_state_dict_with_torchvision_arch(
     assert card.source.kind == "checkpoint"
     assert card.source.arch == "resnet18"
     assert card.source.sha256 == sha256_file(path)
-    assert card.preprocess.crop == 64
+    assert (card.preprocess.height, card.preprocess.width) == (64, 64)
     assert card.input.shape == ("batch", 3, 64, 64)
     assert ort_vs_torch(result.path, model) < 1e-4
 
@@ -239,7 +239,7 @@ def test_factory_package_module_function(tiny_package: str, tiny_file: Path, tmp
     card = read_card(result.path)
     assert card.name == "tiny"
     assert card.labels == ("ant", "bee", "cat", "dog")
-    assert (card.preprocess.crop, card.preprocess.resize) == (32, 40)
+    assert (card.preprocess.height, card.preprocess.width, card.preprocess.resize) == (32, 32, 40)
     assert card.preprocess.mean == (0.5, 0.4, 0.3)
     assert card.source.kind == "factory"
     assert ort_vs_torch(result.path, tiny_module(tiny_file)) < 1e-4
@@ -306,7 +306,7 @@ def test_bundled_example_factory(shapes_onnx: Path) -> None:
     assert card.name == "shapes"
     assert card.labels == tuple(CLASSES)
     pp = card.preprocess
-    assert (pp.resize, pp.crop, pp.interpolation) == (72, 64, "bilinear")
+    assert (pp.resize, pp.height, pp.width, pp.interpolation) == (72, 64, 64, "bilinear")
     assert pp.mean == (0.5, 0.5, 0.5)
     assert pp.std == (0.25, 0.25, 0.25)
     assert card.source.kind == "factory"

@@ -36,7 +36,8 @@ def test_export_random_weights_and_verify(tmp_path: Path) -> None:
     assert (card.source.kind, card.source.name, card.source.weights) == ("timm", MODEL, "none")
     assert card.labels[:2] == ("tench", "goldfish")
     pp = card.preprocess
-    assert (pp.crop, pp.resize, pp.interpolation) == (160, 168, "bilinear")  # crop_pct 0.95: floor(160 / .95)
+    # crop_pct 0.95: floor(160 / .95)
+    assert (pp.height, pp.width, pp.resize, pp.interpolation) == (160, 160, 168, "bilinear")
     report = verify_model(result.path, max_images=2)
     assert report, str(report)
     assert "timm test_resnet (weights none, seed 0)" in report.reference

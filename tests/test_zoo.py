@@ -122,7 +122,7 @@ def test_family_exports_from_a_state_dict(name: str, tmp_path: Path) -> None:
     assert card.source.kind == "torchvision"
     assert card.source.weights == "file"
     assert card.labels[0] == "tench", "1000 classes: the ImageNet names apply"
-    size = card.preprocess.crop
+    size = card.preprocess.height
     x = np.random.default_rng(1).standard_normal((2, 3, size, size), dtype=np.float32)
     [logits] = create_session(result.path).run(["logits"], {"input": x})
     with torch.inference_mode():

@@ -24,16 +24,30 @@ def _list_models(source: str | None) -> None:
         typer.echo(name)
 
 
-def _triple(value: str | None, option: str) -> tuple[float, float, float] | None:
+def _numbers(value: str | None, option: str) -> tuple[float, ...] | None:
+    """``0.5`` or ``0.485,0.456,0.406``: one value per channel."""
     if value is None:
         return None
     try:
         parts = tuple(float(v) for v in value.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3:
-        raise typer.BadParameter(f"expected three comma-separated numbers, got {value!r}", param_hint=option)
+    if len(parts) not in (1, 3):
+        raise typer.BadParameter(f"expected one number per channel (1 or 3, comma-separated), got {value!r}",
+                                 param_hint=option)
     return parts
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    """``224`` (square), ``128x384``, ``128,384`` or ``"128 384"``: height then width."""
+    if value is None:
+        return None
+    parts = value.lower().replace("x", " ").replace(",", " ").split()
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise typer.BadParameter(f"expected a size as 224 or HEIGHTxWIDTH (128x384), got {value!r}",
+                                 param_hint="--input-size")
+    height, width = int(parts[0]), int(parts[-1])
+    return height, width
 
 
 @app.command()
@@ -53,12 +67,23 @@ def export(
                                       "unpickling runs code from the file."),
     labels: Path | None = typer.Option(None, "--labels", exists=True, dir_okay=False,
                                        help="Class labels: text file (one per line) or JSON list."),
-    input_size: int | None = typer.Option(None, "--input-size",
-                                          help="Crop size \\[default: from the weights]."),
+    input_size: str | None = typer.Option(None, "--input-size", help="Model input size: 224 (square) or "
+                                          "HEIGHTxWIDTH (128x384) \\[default: from the weights]."),
     resize: int | None = typer.Option(None, "--resize",
-                                      help="Resize the shorter side to this before cropping."),
-    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean, e.g. 0.485,0.456,0.406."),
-    std: str | None = typer.Option(None, "--std", help="Normalisation std, e.g. 0.229,0.224,0.225."),
+                                      help="Resize the shorter side to this before the centre crop."),
+    resize_mode: str | None = typer.Option(None, "--resize-mode", help="shorter-side (resize the shorter "
+                                           "side, then centre crop) or exact (resize straight to the input "
+                                           "size, as Resize((h, w))) \\[default: from the weights]."),
+    channels: int | None = typer.Option(None, "--channels", help="1 (grayscale) or 3 \\[default: from the "
+                                        "model's first convolution]."),
+    channel_order: str | None = typer.Option(None, "--channel-order", help="RGB, or BGR for a model trained "
+                                             "on OpenCV-loaded images."),
+    pixel_scale: int | None = typer.Option(None, "--pixel-scale", help="1 (pixels in 0..1, as ToTensor) or "
+                                           "255 (pixels in 0..255)."),
+    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean, one per channel: "
+                                    "0.485,0.456,0.406 (or 0.5 for one channel)."),
+    std: str | None = typer.Option(None, "--std", help="Normalisation std, one per channel: "
+                                   "0.229,0.224,0.225."),
     static_batch: int | None = typer.Option(None, "--static-batch",
                                             help="Fix the batch size \\[default: dynamic]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset."),
@@ -97,7 +122,9 @@ def export(
     with progress_status(not as_json) as say:
         result = export_model(
             model, output=output, arch=arch, weights=weights, trust_pickle=trust_pickle, labels_file=labels,
-            input_size=input_size, resize=resize, mean=_triple(mean, "--mean"), std=_triple(std, "--std"),
+            input_size=_size(input_size), resize=resize, resize_mode=resize_mode, channels=channels,
+            channel_order=channel_order.upper() if channel_order else None, pixel_scale=pixel_scale,
+            mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"),
             static_batch=static_batch, opset=opset, exporter=exporter, seed=seed, num_classes=num_classes,
             name=name, progress=say,
         )

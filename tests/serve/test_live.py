@@ -489,7 +489,7 @@ def test_exif_orientation_is_honoured(shapes_server: LiveServer, shapes_images: 
     plain = encode(upright, "PNG")
     tagged = exif_rotated(upright)
     untagged = encode(upright.transpose(Image.Transpose.ROTATE_90), "PNG")
-    pp = Preprocess(crop=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    pp = Preprocess(height=64, width=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     np.testing.assert_array_equal(preprocess(decode_image(tagged), pp), preprocess(decode_image(plain), pp))
 
     def probabilities(data: bytes) -> list[float]:

@@ -263,7 +263,7 @@ def test_models_and_model_cards(client: FlaskClient) -> None:
     one = client.get("/models/resnet18").json
     assert one["name"] == "resnet18"
     assert one["default"] is False
-    assert one["card"]["preprocess"]["crop"] == 224
+    assert one["card"]["preprocess"]["height"] == 224
     assert client.get("/models/nope").status_code == 404
 
 

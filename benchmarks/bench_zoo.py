@@ -101,7 +101,7 @@ def one(source: str, name: str) -> dict[str, Any]:
             return row
         row.update(passed=bool(result.parity), export_s=round(result.seconds, 1),
                    size_mb=round(result.size_bytes / 1e6, 1), exporter=result.exporter,
-                   max_abs_diff=result.parity.max_abs_diff, crop=result.card.preprocess.crop)
+                   max_abs_diff=result.parity.max_abs_diff, crop=result.card.preprocess.height)
         if result.external_data:
             row["note"] = "external data (over 2 GB)"
             return row

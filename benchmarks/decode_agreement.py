@@ -373,7 +373,7 @@ def timing(photo: Image.Image, workdir: Path, runs: int) -> list[dict[str, Any]]
     buffer = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(buffer, "PNG")
     files = {"JPEG q92": jpeg, "PNG": buffer.getvalue()}
-    shapes_pp = Preprocess(crop=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    shapes_pp = Preprocess(height=64, width=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     rows = []
     for kind, data in files.items():
         path = workdir / f"phone.{kind.split()[0].lower()}"

@@ -22,16 +22,14 @@ from deploykit.errors import DeployKitError, ExitCode
 
 def _exception_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...],
                                 tuple[type[BaseException], ...]]:
-    """(exit, usage error, abort) classes: Typer >= 0.25 vendors its own click, older Typer raises click's."""
+    """(exit, usage error, abort) classes: Typer >= 0.25 vendors its own click, whose errors derive from its
+    public ``TyperException``; older Typer raises click's."""
     exits: list[type[BaseException]] = [typer.Exit]
     usage: list[type[BaseException]] = []
     aborts: list[type[BaseException]] = [typer.Abort, KeyboardInterrupt]
-    try:
-        from typer._click.exceptions import ClickException
-
-        usage.append(ClickException)
-    except ImportError:  # older Typer
-        pass
+    typer_exception = getattr(typer, "TyperException", None)  # Typer >= 0.25
+    if isinstance(typer_exception, type) and issubclass(typer_exception, Exception):
+        usage.append(typer_exception)
     try:
         import click
 
@@ -88,7 +86,11 @@ def _run(argv: list[str] | None) -> None:
     except _EXIT as exc:
         sys.exit(getattr(exc, "exit_code", 0))
     except _USAGE as exc:
-        exc.show()  # type: ignore[attr-defined]
+        show = getattr(exc, "show", None)  # Click's usage errors print themselves with the usage line
+        if callable(show):
+            show()
+        else:
+            error(str(exc))
         sys.exit(ExitCode.USAGE)
     except _ABORT:
         error("Interrupted.")

@@ -42,12 +42,14 @@ def _size(value: str | None) -> tuple[int, int] | None:
     """``224`` (square), ``128x384``, ``128,384`` or ``"128 384"``: height then width."""
     if value is None:
         return None
-    parts = value.lower().replace("x", " ").replace(",", " ").split()
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[x,\s]\s*(\d+)\s*)?", value.lower())
+    if match is None:
         raise typer.BadParameter(f"expected a size as 224 or HEIGHTxWIDTH (128x384), got {value!r}",
                                  param_hint="--input-size")
-    height, width = int(parts[0]), int(parts[-1])
-    return height, width
+    height = int(match.group(1))
+    return height, int(match.group(2) or height)
 
 
 @app.command()

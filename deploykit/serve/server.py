@@ -85,8 +85,9 @@ def run_server(config: ServeConfig, *, announce: Callable[[str], None] | None = 
         registry = registry_of(app)
         stop = _serve_until_signalled(server.run)
         registry.draining = True
-        log.info("stopping: not ready; finishing the requests already accepted")
         listener.stop_listening()
+        # logged once new connections are refused, so that the line means it
+        log.info("stopping: not ready; finishing the requests already accepted")
         if not listener.wait_idle(time.monotonic() + config.graceful_timeout, stop):
             log.warning(
                 "%d connections still had a request in progress after --graceful-timeout %g s",

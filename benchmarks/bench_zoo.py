@@ -154,13 +154,18 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     body = []
     for r in rows:
-        parity = (f"ok ({r['max_abs_diff']:.1e})" if r.get("passed") else
-                  f"FAILED: {r.get('error', 'parity')}".replace("|", "/"))
+        parity = f"ok ({r['max_abs_diff']:.1e})" if r.get("passed") else "FAILED (below)"
         body.append([r["model"], num(r, "crop", "d"), parity, num(r, "export_s", ".1f"),
                      num(r, "size_mb", ".1f"), num(r, "ort_ms", ".1f"), num(r, "torch_ms", ".1f"),
                      num(r, "speedup", ".2f") + ("x" if "speedup" in r else "")])
     return format_table(["model", "input", "parity (max abs diff)", "export s", "MB", "ORT ms", "PyTorch ms",
                          "ORT speed-up"], body, markdown=True)
+
+
+def failures(rows: list[dict[str, Any]]) -> str:
+    """The failed rows' errors, one bullet each (empty when none failed)."""
+    failed = [f"- `{r['model']}`: {r.get('error', 'parity')}" for r in rows if not r.get("passed")]
+    return ("\nFailed:\n\n" + "\n".join(failed) + "\n") if failed else ""
 
 
 def write_doc(rows: list[dict[str, Any]], source: str, command: str) -> None:
@@ -170,7 +175,7 @@ def write_doc(rows: list[dict[str, Any]], source: str, command: str) -> None:
                f"with {THREADS} threads; export time includes building the model, loading its state dict, "
                f"both exporter attempts when the first fails, and the parity check at batch 1 and 3.\n\n"
                f"Measured on {info.get('cpu')} ({info.get('cores')} cores) with `{command}`.\n\n"
-               f"{table(rows)}\n")
+               f"{table(rows)}\n{failures(rows)}")
     header = ("# Model zoo\n\nEvery model `deploykit export --list` names, exported from a state dict with "
               "`--weights PATH` and checked against PyTorch. Reproduce with "
               "[`benchmarks/bench_zoo.py`](../benchmarks/bench_zoo.py).\n\n")

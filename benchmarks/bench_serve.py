@@ -581,6 +581,28 @@ def bench_images(args: argparse.Namespace) -> list[BenchImage]:
     return images
 
 
+def schema_1_copy(model: Path, workdir: Path) -> Path:
+    """The model with its card in schema 1 (a square ``crop``, no ``channels``), for a baseline older than
+    schema 2; the graph is the same."""
+    import onnx
+
+    from deploykit.card import CARD_KEY
+
+    proto = onnx.load(str(model))
+    for prop in proto.metadata_props:
+        if prop.key == CARD_KEY:
+            card = json.loads(prop.value)
+            pp = card["preprocess"]
+            if pp.pop("height") != pp.pop("width") or pp.pop("channels") != 3:
+                raise SystemExit("a schema 1 card describes square RGB inputs only")
+            pp["crop"] = card["inputs"][0]["shape"][-1]
+            card["schema_version"] = 1
+            prop.value = json.dumps(card)
+    copy = workdir / f"{model.stem}.schema1.onnx"
+    onnx.save(proto, str(copy))
+    return copy
+
+
 def start_servers(args: argparse.Namespace, model: Path, workdir: Path, image: BenchImage,
                   baseline: Baseline | None,
                   servers: dict[str, ServerProcess]) -> dict[str, dict[str, float]]:
@@ -595,8 +617,8 @@ def start_servers(args: argparse.Namespace, model: Path, workdir: Path, image: B
     if baseline is not None:
         system = " ".join([baseline.system, *extra])
         try:
-            servers[system] = start_server(system, deploykit_command(extra), model, workdir, image,
-                                           env=baseline.env, cwd=baseline.path)
+            servers[system] = start_server(system, deploykit_command(extra), schema_1_copy(model, workdir),
+                                           workdir, image, env=baseline.env, cwd=baseline.path)
         except RuntimeError as exc:
             raise SystemExit(f"{exc}\nIf the baseline lacks a package, give it with --baseline-pip "
                              "(cd192df: --baseline-pip gunicorn==27.0.1).") from exc

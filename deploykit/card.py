@@ -20,8 +20,14 @@ CARD_KEY = "deploykit.card"
 SCHEMA_VERSION = 2
 #: The channel orders an input of each channel count can have; the first is the default.
 CHANNEL_ORDERS: dict[int, tuple[str, ...]] = {1: ("L",), 3: ("RGB", "BGR")}
+
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 DTYPES = ("float32", "float16")
+
+
+def default_channel_order(channels: int) -> str:
+    """``L`` for one channel, ``RGB`` for three (and for a count that validation then refuses)."""
+    return CHANNEL_ORDERS.get(channels, ("RGB",))[0]
 
 
 @dataclass(frozen=True)
@@ -47,16 +53,6 @@ class Preprocess:
     channel_order: str = "RGB"
     layout: str = "NCHW"
     dtype: str = "float32"
-
-    @property
-    def resize_mode(self) -> str:
-        """``shorter-side`` (resize the shorter side, then centre crop) or ``exact`` (resize to HxW)."""
-        return "exact" if self.resize is None else "shorter-side"
-
-    @property
-    def size_text(self) -> str:
-        """``224`` for a square input, ``HxW`` otherwise."""
-        return str(self.height) if self.height == self.width else f"{self.height}x{self.width}"
 
     def summary(self) -> str:
         """One line for people: ``RGB, shorter side 256, centre crop 224x224, bilinear, pixels 0..1, ...``."""
@@ -113,9 +109,10 @@ class Preprocess:
         Schema 1's square ``crop`` is read as ``height`` and ``width``; a one-channel input defaults to the
         ``L`` channel order.
         """
-        crop = _field(data, "crop", int, default=_REQUIRED, where=where) if "crop" in data else _REQUIRED
-        height = _field(data, "height", int, default=crop, where=where)
-        width = _field(data, "width", int, default=crop, where=where)
+        crop = _field(data, "crop", int, default=None, where=where)  # schema 1: a square input
+        size_default = _REQUIRED if crop is None else crop
+        height = _field(data, "height", int, default=size_default, where=where)
+        width = _field(data, "width", int, default=size_default, where=where)
         channels = _field(data, "channels", int, default=3, where=where)
         pp = cls(
             height=height,
@@ -126,8 +123,8 @@ class Preprocess:
             std=_field(data, "std", _floats, where=where),
             scale=_field(data, "scale", float, default=1.0 / 255.0, where=where),
             channels=channels,
-            channel_order=_field(data, "channel_order", str, where=where,
-                                 default=CHANNEL_ORDERS.get(channels, ("RGB",))[0]),
+            channel_order=_field(data, "channel_order", str, default=default_channel_order(channels),
+                                 where=where),
             layout=_field(data, "layout", str, default="NCHW", where=where),
             dtype=_field(data, "dtype", str, default="float32", where=where),
         )

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from deploykit import __version__
-from deploykit.card import CHANNEL_ORDERS, ModelCard, Preprocess, TensorSpec, write_card
+from deploykit.card import (
+    CHANNEL_ORDERS,
+    ModelCard,
+    Preprocess,
+    TensorSpec,
+    default_channel_order,
+    write_card,
+)
 from deploykit.compare import effective_atol
 from deploykit.errors import ExportError, ModelFileError, UsageError, VerificationError, one_line
 from deploykit.files import atomic_path, check_writable
@@ -349,8 +356,6 @@ class InputOptions:
             raise UsageError(f"--channels must be 1 (grayscale) or 3 (colour), got {self.channels}.")
         if self.channel_order is not None and self.channel_order not in CHANNEL_ORDERS[3]:
             raise UsageError(f"--channel-order must be RGB or BGR, got {self.channel_order!r}.")
-        if self.channel_order is not None and self.channels == 1:
-            raise UsageError("--channel-order applies to 3-channel models, not to --channels 1 (grayscale).")
         if self.pixel_scale is not None and self.pixel_scale not in PIXEL_SCALES:
             raise UsageError("--pixel-scale must be 1 (pixels in 0..1) or 255 (pixels in 0..255), got "
                              f"{self.pixel_scale}.")
@@ -385,7 +390,7 @@ def input_preprocess(base: Preprocess, options: InputOptions, *,
     if options.channel_order is not None and channels == 1:
         raise UsageError("--channel-order applies to 3-channel models; this one takes 1 channel (grayscale).")
     order = options.channel_order or (base.channel_order if base.channels == channels
-                                      else CHANNEL_ORDERS[channels][0])
+                                      else default_channel_order(channels))
     scale = {1: 1.0 / 255.0, 255: 1.0}[options.pixel_scale] if options.pixel_scale else base.scale
     changes: dict[str, Any] = {"channels": channels, "channel_order": order, "scale": scale}
 

@@ -436,7 +436,7 @@ def _normalization_table(pp: Preprocess) -> np.ndarray:
     return table
 
 
-def to_model_mode(image: Image.Image, pp: Preprocess) -> Image.Image:
+def _to_model_mode(image: Image.Image, pp: Preprocess) -> Image.Image:
     """An image in the colours the model takes: RGB for RGB and BGR (the tensor swaps the channels), or
     Pillow's ``L`` (ITU-R 601 luma, as torchvision's ``Grayscale``) for one channel."""
     if pp.channels == 1:
@@ -450,7 +450,7 @@ def preprocess(image: Image.Image, pp: Preprocess) -> np.ndarray:
     A one-channel model's image is converted to grayscale before it is resized, as ``Grayscale()`` first in
     a torchvision pipeline does.
     """
-    pixels = np.asarray(resize_and_crop(to_model_mode(image, pp), pp))
+    pixels = np.asarray(resize_and_crop(_to_model_mode(image, pp), pp))
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     table = _normalization_table(pp)

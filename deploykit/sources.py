@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.card import Preprocess, Source
+from deploykit.card import Preprocess, Source, default_channel_order
 from deploykit.errors import (
     DeployKitError,
     MissingExtraError,
@@ -726,7 +726,7 @@ def _timm_preprocess(timm: Any, module: Any) -> Preprocess:
         height=height, width=width, resize=max(height, math.floor(height / crop_pct)),
         interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
-        channels=channels, channel_order="L" if channels == 1 else "RGB",
+        channels=channels, channel_order=default_channel_order(channels),
     )
 
 

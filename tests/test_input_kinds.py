@@ -26,7 +26,8 @@ from deploykit.card import read_card
 DIGITS = REPO / "examples" / "digits"
 DIGITS_FACTORY = f"{DIGITS / 'model.py'}:build"
 DIGITS_IMAGES = DIGITS / "images"
-BGR_FACTORY = f"{REPO / 'tests' / 'data' / 'kinds.py'}:bgr255"
+KINDS_FILE = REPO / "tests" / "data" / "kinds.py"
+BGR_FACTORY = f"{KINDS_FILE}:bgr255"
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,11 @@ def test_triton_config_has_each_models_dims(exported: dict[str, Path], tmp_path:
         ((SHAPES_FACTORY, "--resize-mode", "fit"), "--resize-mode must be shorter-side or exact"),
         ((SHAPES_FACTORY, "--resize-mode", "exact", "--resize", "80"), "--resize sets the shorter side"),
         ((SHAPES_FACTORY, "--channels", "4"), "--channels must be 1 (grayscale) or 3 (colour), got 4"),
+        ((f"{KINDS_FILE}:gray_net",), "The model takes 1 channel where its source declares a normalisation "
+         "for 3: pass --mean and --std with 1 value (for example --mean 0.5 --std 0.5)."),
+        ((f"{KINDS_FILE}:gray_net", "--mean", "0.5"), "pass --std with 1 value"),
+        ((f"{KINDS_FILE}:rgba_net",), "The model's first layer, '0' (Conv2d), takes 4 channels; deploykit "
+         "feeds images as 1 (grayscale) or 3 (colour) channels."),
     ],
 )
 def test_options_that_do_not_fit_are_one_line_before_any_export(args: tuple[str, ...], message: str,

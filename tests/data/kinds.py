@@ -2,7 +2,8 @@
 
 ``bgr255`` is the trained shapes example behind a front that takes what an OpenCV pipeline gives it: BGR
 pixels in 0..255. Its logits on an image equal the shapes model's on the same image, so a channel order or
-scale applied wrongly anywhere downstream shows as different predictions.
+scale applied wrongly anywhere downstream shows as different predictions. ``gray_net`` and ``rgba_net`` are
+untrained, for the export's errors about channels.
 """
 
 from __future__ import annotations
@@ -43,3 +44,15 @@ def bgr255() -> nn.Module:
     model = Bgr255(shapes).eval()
     model.deploykit_meta = {"labels": shapes.deploykit_meta["labels"], "name": "shapes-bgr255"}
     return model
+
+
+def gray_net() -> nn.Module:
+    """A one-channel CNN that declares no preprocessing: its source's normalisation is the RGB default."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+def rgba_net() -> nn.Module:
+    """A CNN whose first layer takes four channels, which no image preprocessing feeds."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()

@@ -199,7 +199,8 @@ def export_model(
     say(f"Loading {model}")
     loaded = resolve_source(model, arch=arch, weights=weights, trust_pickle=trust_pickle, seed=seed,
                             num_classes=num_classes)
-    preprocess = input_preprocess(loaded.preprocess, options, first_layer=first_layer_channels(loaded.module))
+    preprocess = input_preprocess(loaded.preprocess, options, first_layer=first_layer_channels(loaded.module),
+                                  geometry_problem=loaded.geometry_problem)
     target = Path(output) if output else Path(f"{_safe_name(name or loaded.name)}.onnx")
 
     import torch
@@ -365,16 +366,20 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def input_preprocess(base: Preprocess, options: InputOptions, *,
-                     first_layer: tuple[int, str] | None = None) -> Preprocess:
+def input_preprocess(base: Preprocess, options: InputOptions, *, first_layer: tuple[int, str] | None = None,
+                     geometry_problem: UsageError | None = None) -> Preprocess:
     """The card's preprocessing: what the source declares (``base``), changed by the export options.
 
     ``first_layer`` is the channel count the model's first convolution takes and its name
     (``first_layer_channels``): it decides the channels unless ``--channels`` says otherwise (an error).
+    ``geometry_problem`` (a source whose resize and crop no card mode reproduces) is raised unless the
+    options choose the geometry (``--resize-mode`` or ``--resize``).
     Where the options change the channels or the pixel scale, the source's mean and std no longer apply and
     must be given; a changed channel order alone reverses them. Raises ``UsageError``, naming the option to
     change, for a mismatch with the model or between options.
     """
+    if geometry_problem is not None and options.resize_mode is None and options.resize is None:
+        raise geometry_problem
     channels = options.channels
     if first_layer is not None:
         found, layer = first_layer

@@ -16,7 +16,7 @@ import socket
 import sys
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,9 @@ class LoadedModel:
     labels: list[str] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     output_kind: str = "logits"
+    #: Why ``preprocess``'s resize and crop are not the source's own (a geometry no card resize mode
+    #: reproduces); export raises it unless the options choose one (``--resize-mode`` or ``--resize``).
+    geometry_problem: UsageError | None = None
 
 
 def _torch() -> Any:
@@ -669,8 +672,9 @@ def _from_timm(name: str, *, weights: str | None, seed: int, num_classes: int | 
         source = Source(kind="timm", name=name, weights="file", path=str(path.resolve()),
                         sha256=sha256_file(path), seed=seed)
     module.eval()
+    preprocess, problem = _timm_preprocess(timm, module)
     return LoadedModel(module=module, name=name.replace("/", "_"), source=source,
-                       labels=_timm_labels(timm, module), preprocess=_timm_preprocess(timm, module))
+                       labels=_timm_labels(timm, module), preprocess=preprocess, geometry_problem=problem)
 
 
 def _timm_pretrained(timm: Any, name: str, head: dict[str, Any]) -> Any:
@@ -703,31 +707,38 @@ def _timm_labels(timm: Any, module: Any) -> list[str] | None:
     return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
 
 
-def _timm_preprocess(timm: Any, module: Any) -> Preprocess:
-    """timm's eval transform from its data config: Resize(floor(size / crop_pct)), CenterCrop(size)."""
+def _timm_preprocess(timm: Any, module: Any) -> tuple[Preprocess, UsageError | None]:
+    """timm's eval transform from its data config, and why it cannot be reproduced (None when it can).
+
+    ``center`` crops resize the shorter side to floor(size / crop_pct) and crop the centre (square inputs);
+    ``squash`` with crop_pct 1 resizes straight to the input size (as ``Resize((h, w))``). Any other
+    combination gets a straight resize in its place and the problem to raise unless the options choose.
+    """
     import math
 
-    from timm.data import resolve_model_data_config
+    from timm.data import DEFAULT_CROP_PCT, resolve_model_data_config
 
     config = resolve_model_data_config(module)
     channels, height, width = (int(v) for v in config["input_size"])
-    if height != width:
-        # timm then resizes to (h, w) / crop_pct exactly and crops (h, w): not one of the card's resize modes
-        raise UsageError(f"timm's data config asks for a {height}x{width} input, whose eval transform "
-                         "deploykit does not reproduce.",
-                         hint="Pass --input-size HxW and --resize-mode to choose one.")
-    crop_pct = float(config.get("crop_pct") or 1.0)
+    crop_pct = float(config.get("crop_pct") or DEFAULT_CROP_PCT)
     mode = config.get("crop_mode") or "center"
-    if mode != "center":
-        raise UsageError(f"timm's data config uses crop_mode {mode!r}; deploykit reproduces 'center' only.",
-                         hint="Pass --input-size and --resize to choose the geometry.")
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
     interpolation = str(config.get("interpolation") or "bilinear")
-    return Preprocess(
-        height=height, width=width, resize=max(height, math.floor(height / crop_pct)),
+    pp = Preprocess(
+        height=height, width=width, resize=None,
         interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
         channels=channels, channel_order=default_channel_order(channels),
     )
+    if mode == "squash" and scaled == (height, width):
+        return pp, None
+    if mode == "center" and height == width:
+        return replace(pp, resize=max(height, scaled[0])), None
+    return pp, UsageError(
+        f"timm's data config for this model resizes with crop_mode {mode!r} and crop_pct {crop_pct:g} to a "
+        f"{height}x{width} input, which none of deploykit's resize modes reproduces.",
+        hint="Choose the geometry: --resize-mode exact (straight to the input size) or --resize N (the "
+        "shorter side, then the centre crop), with --input-size HxW for another input size.")
 
 
 # --- Hugging Face Transformers ------------------------------------------------------------------------------
@@ -789,12 +800,14 @@ def _from_hf(spec: str, *, weights: str | None, num_classes: int | None, seed: i
     name = Path(where).name if local else where.replace("/", "_")
     source = Source(kind="hf", name=None if local else where, path=where if local else None,
                     weights="DEFAULT", seed=seed)
-    return LoadedModel(module=module, name=name, source=source, labels=labels,
-                       preprocess=_hf_preprocess(processor, spec))
+    preprocess, problem = _hf_preprocess(processor, spec)
+    return LoadedModel(module=module, name=name, source=source, labels=labels, preprocess=preprocess,
+                       geometry_problem=problem)
 
 
-def _hf_preprocess(processor: Any, spec: str) -> Preprocess:
-    """The image processor's resize/crop/rescale/normalise as a Preprocess.
+def _hf_preprocess(processor: Any, spec: str) -> tuple[Preprocess, UsageError | None]:
+    """The image processor's resize/crop/rescale/normalise as a Preprocess, and why its geometry cannot be
+    reproduced (None when it can; the Preprocess then resizes straight to the crop in its place).
 
     ``size`` is ``{"height", "width"}`` (resize straight to it: ViT, Swin), or ``{"shortest_edge"}`` with
     either ``crop_pct`` (ConvNeXt: resize the shorter side to shortest_edge / crop_pct, crop shortest_edge;
@@ -808,15 +821,19 @@ def _hf_preprocess(processor: Any, spec: str) -> Preprocess:
     height: int
     width: int
     resize: int | None
+    problem = None
     if "height" in size and "width" in size:
         height, width, resize = int(size["height"]), int(size["width"]), None
-        if do_crop and crop_size.get("height"):
-            if height != width:
-                raise UsageError(f"{spec!r} resizes images to {height}x{width} and then crops them, which "
-                                 "deploykit does not reproduce.",
-                                 hint="Pass --input-size HxW and --resize-mode to choose the geometry.")
-            height = width = int(crop_size["height"])
-            resize = int(size["height"])
+        crop_height = int(crop_size.get("height") or 0)
+        crop = (crop_height, int(crop_size.get("width") or crop_height))
+        if do_crop and crop[0] and crop != (height, width):
+            # BEiT-style: Resize((h, w)) ignores the aspect ratio, then CenterCrop
+            problem = UsageError(
+                f"{spec!r} resizes images to {height}x{width}, ignoring their aspect ratio, and then crops "
+                f"{crop[0]}x{crop[1]}, which none of deploykit's resize modes reproduces.",
+                hint="Choose the geometry: --resize-mode exact (straight to the input size) or --resize N "
+                "(the shorter side, then the centre crop), with --input-size HxW for another input size.")
+            height, width = crop
     elif "shortest_edge" in size:
         edge = int(size["shortest_edge"])
         crop_pct = getattr(processor, "crop_pct", None)
@@ -836,4 +853,4 @@ def _hf_preprocess(processor: Any, spec: str) -> Preprocess:
     scale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) \
         else 1.0
     return Preprocess(height=height, width=width, resize=resize, interpolation=interpolation, mean=mean,
-                      std=std, scale=scale)
+                      std=std, scale=scale), problem

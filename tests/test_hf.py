@@ -81,6 +81,24 @@ def test_export_a_save_pretrained_folder(kind: str, crop: int, resize: int | Non
     assert "Hugging Face" in report.reference
 
 
+def test_resize_that_ignores_the_aspect_ratio_then_crops(tmp_path: Path) -> None:
+    """BEiT's processor resizes to 40x40 whatever the image's aspect ratio, then crops 32x32: no card mode
+    does that, so export asks for a choice; the choice it names then exports."""
+    folder = _save("vit", tmp_path / "beit-style")
+    transformers.BeitImageProcessor(size={"height": 40, "width": 40}, do_center_crop=True,
+                                    crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    proc = run_cli("export", str(folder), cwd=tmp_path)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "resizes images to 40x40, ignoring their aspect ratio, and then crops 32x32" in proc.stderr
+    assert not list(tmp_path.glob("*.onnx"))
+
+    proc = run_cli("export", str(folder), "--resize", "36", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pp = read_card(tmp_path / json.loads(proc.stdout)["path"]).preprocess
+    assert (pp.height, pp.width, pp.resize) == (32, 32, 36)
+
+
 def test_folder_without_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="without config.json"):
         resolve_source(str(tmp_path))

@@ -43,7 +43,9 @@ def test_export_random_weights_and_verify(tmp_path: Path) -> None:
     assert "timm test_resnet (weights none, seed 0)" in report.reference
 
 
-@pytest.mark.parametrize("name", ["test_vit", "convnext_tiny", "resnet18", "efficientnet_b0"])
+# convnextv2_nano.fcmae_ft_in22k_in1k_384: crop_mode "squash" with crop_pct 1, a straight resize to 384x384
+@pytest.mark.parametrize("name", ["test_vit", "convnext_tiny", "resnet18", "efficientnet_b0",
+                                  "convnextv2_nano.fcmae_ft_in22k_in1k_384"])
 def test_preprocessing_reproduces_timms_eval_transform(name: str) -> None:
     from timm.data import create_transform, resolve_model_data_config
 
@@ -147,3 +149,33 @@ def test_list_timm() -> None:
     names = proc.stdout.split()
     assert "convnext_tiny" in names
     assert len(names) == len(timm.list_models())
+
+
+# squash with crop_pct 0.95: Resize((floor(384 / 0.95),) * 2) then CenterCrop(384), which no card mode is
+SQUASH_CROP = "vit_medium_patch16_gap_384.sw_in12k_ft_in1k"
+
+
+def test_a_geometry_deploykit_cannot_reproduce_is_refused_until_the_options_choose(tmp_path: Path) -> None:
+    proc = run_cli("export", f"timm:{SQUASH_CROP}", "--weights", "none", cwd=tmp_path)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "crop_mode 'squash' and crop_pct 0.95 to a 384x384 input" in proc.stderr
+    assert "--resize-mode exact" in proc.stderr
+    assert "--resize N" in proc.stderr
+    assert not list(tmp_path.glob("*.onnx"))
+
+    from deploykit.export import InputOptions, input_preprocess
+
+    loaded = resolve_source(f"timm:{SQUASH_CROP}", weights="none")
+    assert loaded.geometry_problem is not None
+    # what the hint offers is what then works: either option decides the geometry
+    exact = input_preprocess(loaded.preprocess, InputOptions(resize_mode="exact"),
+                             geometry_problem=loaded.geometry_problem)
+    assert (exact.height, exact.width, exact.resize) == (384, 384, None)
+    assert exact.mean == loaded.preprocess.mean == (0.5, 0.5, 0.5)
+    shorter = input_preprocess(loaded.preprocess, InputOptions(resize=404, size=(320, 320)),
+                               geometry_problem=loaded.geometry_problem)
+    assert (shorter.height, shorter.width, shorter.resize) == (320, 320, 404)
+    with pytest.raises(UsageError, match="crop_pct 0.95"):
+        input_preprocess(loaded.preprocess, InputOptions(size=(320, 320)),
+                         geometry_problem=loaded.geometry_problem)

@@ -18,7 +18,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 MAX_BATCH_ONE_AT_A_TIME = 8
 #: ... and when calls run side by side on a share of the cores (the CPU default): each call already has a core
 #: of its own, and a larger batch only makes the requests in it wait for each other (at 8 clients on 2 cores,
-#: median p99 224 ms at 2 against 320 ms at 8, throughput within 2%; docs/benchmarks.md).
+#: median p99 224 ms at 2 against 320 ms at 8, throughput within 2%;
+#: ``bench_serve.py --variant "--max-batch-size 8"``).
 MAX_BATCH_SIDE_BY_SIDE = 2
 
 #: Default seconds a connection may stay silent (nothing received, nothing sent) before the server closes it:

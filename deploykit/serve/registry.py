@@ -102,8 +102,8 @@ def inference_plan(config: ServeConfig, cores: int | None = None) -> InferencePl
 def serving_session_options(config: ServeConfig, threads: int, *, solo: bool = False) -> SessionOptions:
     """Session options for serving with ``threads`` intra-op threads. Calls side by side never spin (request
     threads share the cores); a ``solo`` call has the cores to itself, so its threads may spin between its
-    parallel sections (no wake-up latency: 5-10% faster at one client, docs/benchmarks.md) and stop as soon
-    as it returns."""
+    parallel sections (no wake-up latency: 5-10% faster at one client, ``bench_serve.py``'s ceiling with ORT
+    defaults against its threads configuration) and stop as soon as it returns."""
     return SessionOptions(
         providers=config.providers,
         intra_op_threads=threads,

@@ -16,7 +16,12 @@ int8 choices, measured on a 2-core Xeon with AVX512-VNNI (see docs/benchmarks.md
   0.030), is the cheapest to calibrate and needs no histogram memory. ``method`` selects another.
 - ``reduce_range`` off: 7-bit weights avoid int16 saturation in VPMADDUBSW on x86 CPUs *without* VNNI;
   with VNNI (and on ARM) nothing saturates, and the 8th bit is worth keeping (max probability difference
-  0.044 with it on, 0.019 off).
+  0.044 with it on, 0.019 off). Where it does saturate it can cost a model dearly: the one-channel digits
+  example kept 81% top-1 agreement with 8-bit weights on an AVX2-only AMD EPYC, 100% with 7-bit ones. So
+  unless ``reduce_range`` is given, a model whose top-1 agreement on the check images falls under
+  ``RETRY_REDUCE_RANGE_BELOW`` on this CPU is quantized again with 7-bit weights, and the better one is kept.
+  Saturation depends on the CPU that runs the model: ``deploykit verify int8.onnx --against fp32.onnx`` on
+  the serving machine checks it there.
 
 torch is never imported here.
 """
@@ -52,6 +57,9 @@ PRECISION_CHOICES = ("fp32", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_MAX_IMAGES = 256
 CALIBRATION_BATCH = 8
+#: With ``reduce_range`` left to the default, 8-bit weights that keep less top-1 agreement than this are
+#: retried as 7-bit weights (see the module docstring).
+RETRY_REDUCE_RANGE_BELOW = 0.99
 # ORT_ENABLE_EXTENDED: constant folding and operator fusions (Conv+Relu, QDQ -> QLinearConv, ...) that any
 # x86 or ARM CPU runs. "all" adds NCHWc/NHWC layout rewrites tied to this CPU's vector width; ONNX Runtime
 # warns that such a file "should only be used in the same environment", and it applies them at load anyway.
@@ -233,7 +241,7 @@ def optimize_model(
     calibration: str | Path | None = None,
     output: str | Path | None = None,
     method: str = "minmax",
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
     max_images: int = DEFAULT_MAX_IMAGES,
     progress: Callback | None = None,
     warn: Callback | None = None,
@@ -247,7 +255,8 @@ def optimize_model(
         optimize: save the graph as optimized by ONNX Runtime (``extended`` level, portable across CPUs).
         output: target path; default beside ``path`` as ``<stem>.<steps>.onnx``.
         method: int8 calibration method, ``minmax``, ``entropy`` or ``percentile``.
-        reduce_range: quantize weights to 7 bits, for x86 CPUs without VNNI.
+        reduce_range: quantize weights to 7 bits (True) or 8 (False), for x86 CPUs without VNNI; None: 8,
+            retried with 7 when top-1 agreement on this CPU falls under ``RETRY_REDUCE_RANGE_BELOW``.
         max_images: use at most this many calibration images (evenly spaced over the sorted files).
 
     Raises:
@@ -289,32 +298,46 @@ def optimize_model(
 
     import onnx
 
+    from deploykit.images import bundled_images
+
+    used = set(calib_files)
+    extra = [p for p in bundled_images() if p.resolve() not in used]
     with tempfile.TemporaryDirectory(prefix="deploykit-optimize-") as scratch:
-        current = parent
-        method_record: dict[str, Any] = {}
-        for step in steps:
-            produced = Path(scratch) / f"{step}.onnx"
-            if step == "int8":
-                say("Quantizing to int8 (pre-processing, calibration)")
-                assert calib is not None
-                # Equal batch sizes always: the histogram calibrators stack per-batch outputs.
-                batches = _batches(calib, _input_batch(card, CALIBRATION_BATCH), static=True)
-                method_record = _quantize_int8(current, produced, card, batches, method=method.lower(),
-                                               reduce_range=reduce_range, scratch=Path(scratch), note=note)
-            elif step == "fp16":
-                say("Converting to fp16")
-                method_record = _convert_fp16(current, produced, note)
-            else:
-                say("Optimizing the graph with ONNX Runtime")
-                _optimize_graph(current, produced)
-            current = produced
 
-        say("Comparing with the fp32 model")
-        from deploykit.images import bundled_images
+        def derive(seven_bit: bool) -> tuple[Path, dict[str, Any], Agreement | None]:
+            """Run the steps into a folder of their own; the result, its method record and its agreement."""
+            folder = Path(scratch) / f"reduce-range-{int(seven_bit)}"
+            folder.mkdir()
+            current, record = parent, {}
+            for step in steps:
+                produced = folder / f"{step}.onnx"
+                if step == "int8":
+                    say("Quantizing to int8 (pre-processing, calibration)"
+                        + (" with 7-bit weights" if seven_bit and reduce_range is None else ""))
+                    assert calib is not None
+                    # Equal batch sizes always: the histogram calibrators stack per-batch outputs.
+                    batches = _batches(calib, _input_batch(card, CALIBRATION_BATCH), static=True)
+                    record = _quantize_int8(current, produced, card, batches, method=method.lower(),
+                                            reduce_range=seven_bit, scratch=folder, note=note)
+                elif step == "fp16":
+                    say("Converting to fp16")
+                    record = _convert_fp16(current, produced, note)
+                else:
+                    say("Optimizing the graph with ONNX Runtime")
+                    _optimize_graph(current, produced)
+                current = produced
+            say("Comparing with the fp32 model")
+            return current, record, _agreement(parent, current, card, calib, extra)
 
-        used = set(calib_files)
-        extra = [p for p in bundled_images() if p.resolve() not in used]
-        agreement = _agreement(parent, current, card, calib, extra)
+        current, method_record, agreement = derive(bool(reduce_range))
+        if "int8" in steps and reduce_range is None and agreement is not None \
+                and agreement.top1 < RETRY_REDUCE_RANGE_BELOW:
+            retried = derive(True)
+            if retried[2] is not None and retried[2].top1 > agreement.top1:
+                note(f"8-bit weights kept {agreement.top1:.1%} top-1 agreement with fp32 on this CPU (x86 "
+                     f"int8 kernels without VNNI can saturate on them); 7-bit weights keep "
+                     f"{retried[2].top1:.1%}, so the model has 7-bit weights (reduce_range).")
+                current, method_record, agreement = retried
         precision_out = "int8" if "int8" in steps else "fp16" if "fp16" in steps else card.precision
         derived = _derived_card(card, current, precision_out, parent=parent, agreement=agreement,
                                 calibration=calibration_set, method=method_record or None)

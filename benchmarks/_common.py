@@ -109,6 +109,8 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     note: str = ""
+    #: CPU seconds (user + system) of the server's process tree during the window, in ms per completed image
+    server_cpu_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,9 +212,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def process_tree_mb(pid: int, field: str = "VmRSS") -> float:
-    """A memory figure of ``/proc/PID/status`` (MB) summed over a process and all its descendants (e.g. a
-    WSGI master and its workers): ``VmRSS`` is the resident memory now, ``VmHWM`` each process's peak."""
+def _process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (e.g. a WSGI master and its workers), from ``/proc``."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -222,10 +223,19 @@ def process_tree_mb(pid: int, field: str = "VmRSS") -> float:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total_kb, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
         current = todo.pop()
+        tree.append(current)
         todo.extend(children.get(current, []))
+    return tree
+
+
+def process_tree_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of ``/proc/PID/status`` (MB) summed over a process and its descendants: ``VmRSS`` is
+    the resident memory now, ``VmHWM`` each process's peak."""
+    total_kb = 0
+    for current in _process_tree(pid):
         try:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith(f"{field}:"):
@@ -233,6 +243,18 @@ def process_tree_mb(pid: int, field: str = "VmRSS") -> float:
         except OSError:
             continue
     return total_kb / 1024
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process and its live descendants have used so far (``/proc/PID/stat``)."""
+    ticks = 0
+    for current in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class ServerProcess:

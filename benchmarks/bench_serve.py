@@ -62,7 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -79,6 +79,7 @@ from _common import (  # noqa: E402 - the scripts folder is not a package
     machine_info,
     model_or_resnet18,
     phone_photo,
+    process_tree_cpu_seconds,
     python,
     sample_photo,
     split_env,
@@ -344,22 +345,31 @@ def _client_process(host: str, port: int, path: str, body: bytes, content_type: 
 
 
 def python_load(url: str, body: bytes, content_type: str, concurrency: int, *, duration: float, warmup: float,
-                system: str, processes: int = 2) -> LoadResult:
-    """Closed-loop load from ``processes`` client processes sharing ``concurrency`` connections."""
+                system: str, processes: int = 2, server_pid: int | None = None) -> LoadResult:
+    """Closed-loop load from ``processes`` client processes sharing ``concurrency`` connections. With
+    ``server_pid``, the result also has the server's CPU time per image over the window."""
     parsed = urlsplit(url)
     procs = max(1, min(processes, concurrency))
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     start = time.time() + 1.0  # lets the processes start before the clock runs
     window = (start + warmup, start + warmup + duration)
+    server_cpu: list[float] = []
     with ProcessPoolExecutor(procs) as pool:
         host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
         futures = [pool.submit(_client_process, host, port, parsed.path, body, content_type, n, start, window)
                    for n in shares]
+        if server_pid is not None:
+            for edge in window:
+                time.sleep(max(0.0, edge - time.time()))
+                server_cpu.append(process_tree_cpu_seconds(server_pid))
         parts = [f.result() for f in futures]
     latencies = [x for lat, _, _ in parts for x in lat]
     cpu = sum(c for _, _, c in parts) / (window[1] - start)
-    return summarize(system, concurrency, latencies, duration, errors=sum(e for _, e, _ in parts),
-                     note=f"python client, {cpu:.0%} of one core")
+    result = summarize(system, concurrency, latencies, duration, errors=sum(e for _, e, _ in parts),
+                       note=f"python client, {cpu:.0%} of one core")
+    if server_cpu and result.requests:
+        result = replace(result, server_cpu_ms=(server_cpu[1] - server_cpu[0]) * 1e3 / result.requests)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------- servers
@@ -685,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return wrk_load(server.url + "/predict", body_path, content_type, c, duration=args.duration,
                                 warmup=args.warmup, system=system)
             return python_load(server.url + "/predict", body, content_type, c, duration=args.duration,
-                               warmup=args.warmup, system=system)
+                               warmup=args.warmup, system=system, server_pid=server.process.pid)
 
         turn = 0
         for round_ in range(args.repeat):
@@ -703,8 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     turn += 1
                     measured += [load(system, server, image, c) for system, server in order]
                     for r in measured:
+                        cpu = "" if r.server_cpu_ms is None else f"  server CPU {r.server_cpu_ms:5.1f} ms/img"
                         print(f"  {image.name:<6} {r.system:<38} c={c:<3} {r.throughput:7.1f} img/s  "
-                              f"p50 {r.p50_ms:8.1f} ms  p99 {r.p99_ms:8.1f} ms  errors {r.errors}",
+                              f"p50 {r.p50_ms:8.1f} ms  p99 {r.p99_ms:8.1f} ms  errors {r.errors}{cpu}",
                               flush=True)
                         cells.setdefault((r.system, image.name, c), []).append(r)
         short = {(image, c) for (_, image, c), runs in cells.items() if any(r.requests < c for r in runs)}
@@ -730,10 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = sorted(((image, sorted(runs, key=lambda r: r.throughput)[len(runs) // 2])
                       for (_, image, _), runs in cells.items()),
                      key=lambda pair: (rank[pair[0]], pair[1].concurrency, _order(pair[1].system)))
-    rows = [[r.system, image, r.concurrency, r.throughput, r.p50_ms, r.p99_ms, r.errors]
-            for image, r in results]
-    print(format_table(["system", "image", "clients", "img/s", "p50 ms", "p99 ms", "errors"], rows,
-                       markdown=args.markdown))
+    rows = [[r.system, image, r.concurrency, r.throughput, r.p50_ms, r.p99_ms,
+             "-" if r.server_cpu_ms is None else r.server_cpu_ms, r.errors] for image, r in results]
+    print(format_table(["system", "image", "clients", "img/s", "p50 ms", "p99 ms", "server CPU ms/img",
+                        "errors"], rows, markdown=args.markdown))
     ratios = sorted(ratio_rows(cells, baseline_system),
                     key=lambda row: (rank[row[1]], row[2], _order(row[0])))
     if ratios:

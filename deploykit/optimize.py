@@ -301,7 +301,7 @@ def optimize_model(
     from deploykit.images import bundled_images
 
     used = set(calib_files)
-    extra = [p for p in bundled_images() if p.resolve() not in used]
+    reference = _reference(parent, card, calib, [p for p in bundled_images() if p.resolve() not in used])
     with tempfile.TemporaryDirectory(prefix="deploykit-optimize-") as scratch:
 
         def derive(seven_bit: bool) -> tuple[Path, dict[str, Any], Agreement | None]:
@@ -327,7 +327,7 @@ def optimize_model(
                     _optimize_graph(current, produced)
                 current = produced
             say("Comparing with the fp32 model")
-            return current, record, _agreement(parent, current, card, calib, extra)
+            return current, record, _agreement(reference, current, card)
 
         current, method_record, agreement = derive(bool(reduce_range))
         if "int8" in steps and reduce_range is None and agreement is not None \
@@ -525,10 +525,10 @@ def _predictor(path: Path, card: ModelCard) -> Predictor:
     return Predictor.open(path, card=card)
 
 
-def _agreement(parent: Path, derived: Path, card: ModelCard, calibration: np.ndarray | None,
-               extra_images: Sequence[Path]) -> Agreement | None:
-    """Top-1/top-5 agreement and max probability difference on the calibration plus the bundled images."""
-    from deploykit.compare import topk_agreement
+def _reference(parent: Path, card: ModelCard, calibration: np.ndarray | None,
+               extra_images: Sequence[Path]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The check images (the calibration plus the bundled images) and the parent's probabilities on them,
+    computed once for every derived candidate; None without images."""
     from deploykit.images import InvalidImageError, load_tensor
 
     tensors = list(calibration) if calibration is not None else []
@@ -538,7 +538,17 @@ def _agreement(parent: Path, derived: Path, card: ModelCard, calibration: np.nda
     if not tensors:
         return None
     images = np.stack(tensors)
-    pa = _run_probabilities(_predictor(parent, card), images, card)
+    return images, _run_probabilities(_predictor(parent, card), images, card)
+
+
+def _agreement(reference: tuple[np.ndarray, np.ndarray] | None, derived: Path,
+               card: ModelCard) -> Agreement | None:
+    """Top-1/top-5 agreement and max probability difference with the parent on the check images."""
+    from deploykit.compare import topk_agreement
+
+    if reference is None:
+        return None
+    images, pa = reference
     pb = _run_probabilities(_predictor(derived, card), images, card)
     top1, top5 = topk_agreement(pb, pa)
     return Agreement(top1=top1, top5=top5, max_abs_prob_diff=float(np.abs(pa - pb).max()),

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deploykit.serve.config import ServeConfig
-from deploykit.serve.memory import keep_large_blocks_mapped
+from deploykit.serve.memory import tune_heap
 
 log = logging.getLogger("deploykit.serve")
 
@@ -62,7 +62,7 @@ def run_server(config: ServeConfig, *, announce: Callable[[str], None] | None = 
     from deploykit.serve.registry import registry_of
 
     configure_logging(config.log_level)
-    keep_large_blocks_mapped()  # before the first large allocation: models, images
+    tune_heap()  # before the first large allocation: models, images
     check_models(config)
     listener = Listener.open(config.host, config.port)
     try:

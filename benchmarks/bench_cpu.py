@@ -30,7 +30,9 @@ def measure(model: Path, image: Path, requests: int) -> tuple[float, float, floa
 
     from deploykit.serve.app import create_app
     from deploykit.serve.config import ModelSpec, ServeConfig
+    from deploykit.serve.memory import tune_heap
 
+    tune_heap()  # the heap settings of `deploykit serve`, without which every request faults in its arrays
     # one ONNX Runtime thread that never spins: the process's CPU is then the work done, not waiting
     app = create_app(ServeConfig(models=(ModelSpec("m", model),), intra_op_threads=1, instances=1))
     client = app.test_client()

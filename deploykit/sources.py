@@ -40,6 +40,11 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 DEFAULT_SEED = 0
 
 
+#: What to do about a source geometry that no card resize mode reproduces (``LoadedModel.geometry_problem``).
+GEOMETRY_HINT = ("Choose the geometry: --resize-mode exact (straight to the input size) or --resize N (the "
+                 "shorter side, then the centre crop), with --input-size HxW for another input size.")
+
+
 @dataclass
 class LoadedModel:
     """A PyTorch module in eval mode and what the model card records about it."""
@@ -737,8 +742,7 @@ def _timm_preprocess(timm: Any, module: Any) -> tuple[Preprocess, UsageError | N
     return pp, UsageError(
         f"timm's data config for this model resizes with crop_mode {mode!r} and crop_pct {crop_pct:g} to a "
         f"{height}x{width} input, which none of deploykit's resize modes reproduces.",
-        hint="Choose the geometry: --resize-mode exact (straight to the input size) or --resize N (the "
-        "shorter side, then the centre crop), with --input-size HxW for another input size.")
+        hint=GEOMETRY_HINT)
 
 
 # --- Hugging Face Transformers ------------------------------------------------------------------------------
@@ -831,8 +835,7 @@ def _hf_preprocess(processor: Any, spec: str) -> tuple[Preprocess, UsageError | 
             problem = UsageError(
                 f"{spec!r} resizes images to {height}x{width}, ignoring their aspect ratio, and then crops "
                 f"{crop[0]}x{crop[1]}, which none of deploykit's resize modes reproduces.",
-                hint="Choose the geometry: --resize-mode exact (straight to the input size) or --resize N "
-                "(the shorter side, then the centre crop), with --input-size HxW for another input size.")
+                hint=GEOMETRY_HINT)
             height, width = crop
     elif "shortest_edge" in size:
         edge = int(size["shortest_edge"])

@@ -79,7 +79,7 @@ def run_server(config: ServeConfig, *, announce: Callable[[str], None] | None = 
             backlog=BACKLOG,
             asyncore_use_poll=True,  # select() stops at file descriptor 1024
             # one recv() per turn of the event loop: 64 kB (default 8 kB) takes a photo's upload in fewer
-            # turns; measured +3% img/s on a 61 kB photo and +11% on a 3.3 MB one at 8 clients
+            # turns (measured in docs/decisions/0001-wsgi-server.md)
             recv_bytes=RECV_BYTES,
             ident="deploykit",
         )
